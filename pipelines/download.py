@@ -1,0 +1,347 @@
+"""The `download` stage: fetch the four original MNIST files and prepare one `.npz`.
+
+Every later stage reads `data/prepared/mnist.npz`, so this module is the one place that
+touches the network. Each raw file is checked against a SHA-256 written in this file (never
+one read from a mirror), files are written to a temporary name and moved into place only
+once verified, and the validation split is carved from the 60,000 training images with a
+fixed seed, so the test set is never used to choose anything.
+
+Run it through DVC (`dvc repro download`) or directly:
+
+    python -m pipelines.download --params params.yaml --raw-dir data/raw \
+        --out data/prepared/mnist.npz
+    MNIST_MIRROR=../shared/mnist python -m pipelines.download   # a local copy instead
+
+MNIST_MIRROR (a directory, a file:// URL or an http(s):// prefix) replaces the mirrors
+listed under `download:` in params.yaml.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gzip
+import hashlib
+import http.client
+import logging
+import os
+import socket
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import BinaryIO
+from urllib.error import HTTPError, URLError
+from urllib.parse import urlparse
+from urllib.request import Request, url2pathname, urlopen
+
+import numpy as np
+import yaml
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+# SHA-256 of the original files, as served by every public mirror (file name -> hex digest).
+MNIST_SHA256: Mapping[str, str] = MappingProxyType(
+    {
+        "train-images-idx3-ubyte.gz": "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",  # noqa: E501
+        "train-labels-idx1-ubyte.gz": "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",  # noqa: E501
+        "t10k-images-idx3-ubyte.gz": "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",  # noqa: E501
+        "t10k-labels-idx1-ubyte.gz": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",  # noqa: E501
+    }
+)
+MNIST_FILES: tuple[str, ...] = tuple(MNIST_SHA256)
+
+IMAGES_MAGIC = 2051  # unsigned bytes, 3 dimensions (count, rows, cols)
+LABELS_MAGIC = 2049  # unsigned bytes, 1 dimension (count)
+IMAGE_SIDE = 28
+CHUNK_BYTES = 1 << 16
+# Errors worth another attempt at the same mirror; a 404 or a wrong checksum is not.
+TRANSIENT_ERRORS = (TimeoutError, ConnectionError, socket.gaierror, http.client.HTTPException)
+
+
+class DownloadError(Exception):
+    """No source delivered a file with the expected checksum."""
+
+
+class IdxFormatError(ValueError):
+    """An IDX file does not match its own header (bad magic, truncated, trailing data)."""
+
+
+class ChecksumMismatchError(ValueError):
+    """A source delivered bytes whose SHA-256 is not the one in MNIST_SHA256."""
+
+
+@dataclass(frozen=True)
+class DownloadSettings:
+    """The `download:` section of params.yaml."""
+
+    mirrors: tuple[str, ...]
+    timeout_seconds: float
+    retries: int
+    backoff_seconds: float
+    validation_size: int
+    split_seed: int
+
+    def __post_init__(self) -> None:
+        if self.timeout_seconds <= 0 or self.retries < 1 or self.backoff_seconds < 0:
+            raise ValueError(f"download: need timeout_seconds > 0, retries >= 1, got {self}")
+
+    @classmethod
+    def from_params(cls, path: Path) -> DownloadSettings:
+        section = (yaml.safe_load(path.read_text()) or {}).get("download") or {}
+        missing = [key for key in cls.__dataclass_fields__ if key not in section]
+        if missing:
+            raise ValueError(f"{path}: download: section lacks {', '.join(missing)}")
+        return cls(
+            mirrors=tuple(section["mirrors"]),
+            timeout_seconds=float(section["timeout_seconds"]),
+            retries=int(section["retries"]),
+            backoff_seconds=float(section["backoff_seconds"]),
+            validation_size=int(section["validation_size"]),
+            split_seed=int(section["split_seed"]),
+        )
+
+
+def file_md5(path: Path) -> str:
+    """MD5 hex digest of a file: the value DVC records for a single-file output."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "md5").hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_write(path: Path) -> Iterator[BinaryIO]:
+    """Yield a temporary file beside `path`; if the block succeeds, fsync it and move it
+    into place with os.replace, otherwise delete it. Readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as tmp:
+            yield tmp
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.chmod(tmp_name, 0o644)
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def resolve_sources(mirrors: Sequence[str], override: str | None = None) -> list[str]:
+    """Base URLs to try in order: `override` (MNIST_MIRROR) alone if set, else `mirrors`.
+    A plain directory becomes a file:// URL, resolved against the working directory."""
+    chosen = [override] if override else list(mirrors)
+    bases = []
+    for mirror in chosen:
+        if not mirror.startswith(("http://", "https://", "file://")):
+            mirror = Path(mirror).resolve().as_uri()
+        bases.append(mirror if mirror.endswith("/") else mirror + "/")
+    return bases
+
+
+def _open(url: str, timeout: float) -> tuple[BinaryIO, int | None]:
+    """Open a file:// or http(s):// URL; return the stream and its length if known."""
+    if url.startswith("file://"):
+        path = Path(url2pathname(urlparse(url).path))
+        return open(path, "rb"), path.stat().st_size
+    # The timeout applies to every socket operation, so a stalled transfer raises too.
+    response = urlopen(Request(url, headers={"User-Agent": "digits-download"}), timeout=timeout)
+    length = response.headers.get("Content-Length")
+    return response, int(length) if length else None
+
+
+def _copy(url: str, out: BinaryIO, timeout: float, label: str) -> str:
+    """Stream `url` into `out` with a progress bar; return the SHA-256 of what was read."""
+    digest = hashlib.sha256()
+    received = 0
+    stream, length = _open(url, timeout)
+    with stream, tqdm(total=length, unit="B", unit_scale=True, desc=label) as progress:
+        while chunk := stream.read(CHUNK_BYTES):
+            out.write(chunk)
+            digest.update(chunk)
+            received += len(chunk)
+            progress.update(len(chunk))
+    if length is not None and received != length:
+        raise ConnectionError(f"connection closed after {received} of {length} bytes")
+    return digest.hexdigest()
+
+
+def _is_transient(error: Exception) -> bool:
+    if isinstance(error, HTTPError):
+        return error.code >= 500 or error.code in (408, 429)
+    if isinstance(error, URLError) and isinstance(error.reason, Exception):
+        error = error.reason
+    return isinstance(error, TRANSIENT_ERRORS)
+
+
+def _describe(error: Exception) -> str:
+    if isinstance(error, HTTPError):
+        return f"HTTP {error.code} {error.reason}"
+    if isinstance(error, URLError) and isinstance(error.reason, Exception):
+        error = error.reason
+    if isinstance(error, FileNotFoundError):
+        return "not found"
+    if isinstance(error, TimeoutError):
+        return "timed out (no data within timeout_seconds)"
+    return str(error) or type(error).__name__
+
+
+def _fetch_from(url: str, target: Path, sha256: str, settings: DownloadSettings) -> None:
+    """Download `url` to `target`, retrying transient errors with exponential backoff."""
+    for attempt in range(1, settings.retries + 1):
+        try:
+            with atomic_write(target) as out:
+                got = _copy(url, out, settings.timeout_seconds, target.name)
+                if got != sha256:
+                    raise ChecksumMismatchError(
+                        f"wrong SHA-256 {got[:12]}..., expected {sha256[:12]}..."
+                    )
+            return
+        except (OSError, http.client.HTTPException) as error:
+            if attempt == settings.retries or not _is_transient(error):
+                raise
+            delay = settings.backoff_seconds * 2 ** (attempt - 1)
+            logger.warning("%s: %s; retry %d in %.1f s", url, _describe(error), attempt, delay)
+            time.sleep(delay)
+
+
+def fetch_file(
+    name: str, sha256: str, sources: Sequence[str], raw_dir: Path, settings: DownloadSettings
+) -> Path:
+    """Make `raw_dir/name` a verified copy, trying each source in turn; raise DownloadError
+    naming every source tried and what was wrong if none delivers."""
+    target = raw_dir / name
+    if target.is_file() and file_sha256(target) == sha256:
+        logger.info("%s already verified", name)
+        return target
+    problems = []
+    for base in sources:
+        url = base + name
+        try:
+            _fetch_from(url, target, sha256, settings)
+        except (OSError, ValueError, http.client.HTTPException) as error:
+            problems.append(f"{url}: {_describe(error)}")
+            logger.warning("%s", problems[-1])
+            continue
+        logger.info("%s verified, from %s", name, url)
+        return target
+    tried = "; ".join(problems) or "no sources configured"
+    raise DownloadError(f"could not fetch {name} from any source: {tried}")
+
+
+def download_all(
+    raw_dir: Path,
+    sources: Sequence[str],
+    settings: DownloadSettings,
+    checksums: Mapping[str, str] | None = None,
+) -> None:
+    """Fetch every file in `checksums` (default: MNIST_SHA256) into `raw_dir`."""
+    for name, sha256 in (MNIST_SHA256 if checksums is None else checksums).items():
+        fetch_file(name, sha256, sources, raw_dir, settings)
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Parse a gzipped IDX file strictly: known magic, and exactly the bytes its header
+    promises. Images come back as uint8 (count, rows, cols), labels as uint8 (count,)."""
+    try:
+        with gzip.open(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as error:  # not gzip, or a truncated gzip stream
+        raise IdxFormatError(f"{path.name}: not a complete gzip file ({error})") from error
+    magic = int.from_bytes(data[:4], "big")
+    if magic not in (IMAGES_MAGIC, LABELS_MAGIC):
+        raise IdxFormatError(
+            f"{path.name}: magic {magic}, expected {IMAGES_MAGIC} or {LABELS_MAGIC}"
+        )
+    ndim = 3 if magic == IMAGES_MAGIC else 1
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise IdxFormatError(f"{path.name}: header truncated ({len(data)} bytes)")
+    shape = tuple(int.from_bytes(data[i : i + 4], "big") for i in range(4, header, 4))
+    expected = header + int(np.prod(shape))
+    if len(data) != expected:
+        problem = "truncated" if len(data) < expected else "trailing data"
+        raise IdxFormatError(
+            f"{path.name}: {problem}: {len(data)} bytes, header {shape} promises {expected}"
+        )
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape).copy()
+
+
+def read_split(raw_dir: Path, prefix: str) -> tuple[np.ndarray, np.ndarray]:
+    """Images (n, 28, 28) and labels (n,) of the `train` or `t10k` files, checked together."""
+    images = read_idx(raw_dir / f"{prefix}-images-idx3-ubyte.gz")
+    labels = read_idx(raw_dir / f"{prefix}-labels-idx1-ubyte.gz")
+    if images.ndim != 3 or images.shape[1:] != (IMAGE_SIDE, IMAGE_SIDE):
+        raise IdxFormatError(f"{prefix} images: shape {images.shape}, expected (n, 28, 28)")
+    if labels.ndim != 1 or len(labels) != len(images) or labels.max(initial=0) > 9:
+        raise IdxFormatError(f"{prefix} labels: {labels.shape}, need {len(images)} digits 0-9")
+    return images, labels
+
+
+def split_indices(count: int, validation_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Train and validation indices (each sorted) from a seeded permutation of range(count)."""
+    if not 0 < validation_size < count:
+        raise ValueError(f"validation_size must be between 1 and {count - 1}: {validation_size}")
+    order = np.random.default_rng(seed).permutation(count)
+    return np.sort(order[validation_size:]), np.sort(order[:validation_size])
+
+
+def write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    """np.savez, written atomically. Its output is byte-identical for equal arrays: zipfile
+    stamps entries opened by name with a fixed 1980 date, not the current time (checked
+    with numpy 2.4 on Python 3.11, and held in place by a test)."""
+    with atomic_write(path) as out:
+        np.savez(out, allow_pickle=False, **arrays)
+
+
+def load_prepared(path: Path) -> dict[str, np.ndarray]:
+    """The prepared arrays: x_train, y_train, x_val, y_val, x_test, y_test (all uint8)."""
+    with np.load(path, allow_pickle=False) as data:
+        return {key: data[key] for key in data.files}
+
+
+def prepare(raw_dir: Path, out: Path, validation_size: int, split_seed: int) -> None:
+    """Parse the raw files, hold out the validation split and write one .npz to `out`."""
+    x_full, y_full = read_split(raw_dir, "train")
+    x_test, y_test = read_split(raw_dir, "t10k")
+    train, val = split_indices(len(x_full), validation_size, split_seed)
+    arrays = {
+        "x_train": x_full[train],
+        "y_train": y_full[train],
+        "x_val": x_full[val],
+        "y_val": y_full[val],
+        "x_test": x_test,
+        "y_test": y_test,
+    }
+    write_npz(out, arrays)
+    shapes = ", ".join(f"{key} {array.shape}" for key, array in arrays.items())
+    logger.info("wrote %s (md5 %s): %s", out, file_md5(out), shapes)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the stage. A download, data or settings error ends it with one logged line, exit 1."""
+    parser = argparse.ArgumentParser(description="Download and prepare MNIST (DVC stage).")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--raw-dir", type=Path, default=Path("data/raw"))
+    parser.add_argument("--out", type=Path, default=Path("data/prepared/mnist.npz"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        settings = DownloadSettings.from_params(args.params)
+        sources = resolve_sources(settings.mirrors, os.environ.get("MNIST_MIRROR"))
+        download_all(args.raw_dir, sources, settings)
+        prepare(args.raw_dir, args.out, settings.validation_size, settings.split_seed)
+    except (DownloadError, ValueError) as error:
+        logger.error("download stage failed: %s", error)
+        raise SystemExit(1) from error
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""The CNN: a pure builder from hyper-parameters to an uncompiled Keras model, no I/O.
+
+The shape follows the best-studied small MNIST network (Deotte's Kaggle study of 1,500 runs):
+three blocks of 3x3, 3x3 and strided 5x5 convolutions with batch norm, then a 4x4 convolution
+as the classifier's feature layer. Strided convolutions learn their own down-sampling, and
+dropout after each block keeps the net from memorising stroke styles.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import layers
+
+from pipelines.preprocessing import INPUT_SHAPE, LABELS
+
+
+def conv_bn(
+    x: keras.KerasTensor, filters: int, kernel: int, strides: int = 1, padding: str = "valid"
+):
+    """Convolution without bias (batch norm has its own), then batch norm and ReLU."""
+    x = layers.Conv2D(filters, kernel, strides=strides, padding=padding, use_bias=False)(x)
+    x = layers.BatchNormalization()(x)
+    return layers.Activation("relu")(x)
+
+
+def build_model(filters: tuple[int, int, int] = (32, 64, 128), dropout: float = 0.4) -> keras.Model:
+    """Map (N, 28, 28, 1) images in [0, 1] to (N, 10) digit probabilities."""
+    if len(filters) != 3 or min(filters) < 1:
+        raise ValueError(f"filters must be three positive widths, got {filters}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    first, second, third = filters
+    inputs = keras.Input(shape=INPUT_SHAPE, name="image")
+    x = conv_bn(inputs, first, 3)  # 26x26
+    x = conv_bn(x, first, 3)  # 24x24
+    x = conv_bn(x, first, 5, strides=2, padding="same")  # 12x12
+    x = layers.Dropout(dropout)(x)
+    x = conv_bn(x, second, 3)  # 10x10
+    x = conv_bn(x, second, 3)  # 8x8
+    x = conv_bn(x, second, 5, strides=2, padding="same")  # 4x4
+    x = layers.Dropout(dropout)(x)
+    x = conv_bn(x, third, 4)  # 1x1
+    x = layers.Flatten()(x)
+    x = layers.Dropout(dropout)(x)
+    outputs = layers.Dense(len(LABELS), activation="softmax", name="probabilities")(x)
+    return keras.Model(inputs, outputs, name="digits_cnn")

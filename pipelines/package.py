@@ -1,0 +1,234 @@
+"""The `package` stage: promote the best compatible model to `champion` and hand it to BentoML.
+
+Run with `python -m pipelines.package` (the last stage of `dvc repro`). It
+
+1. picks the best finished run of experiment `digits` by validation accuracy (never by test
+   accuracy), among runs trained on the current data and the current preprocessing contract,
+   so an old incompatible run can never win;
+2. registers that run's model as a version of `digits-cnn` unless it is registered already;
+3. moves the alias `champion` to it only through a quality gate: test accuracy at least
+   `package.min_test_accuracy`, and no worse than the current champion beyond
+   `package.tolerance`;
+4. imports the champion into the local BentoML store as `digits-cnn:v<version>-<run>`, which
+   `bentoml serve` then loads as `digits-cnn:latest`;
+5. writes `reports/package.json` naming the run, the version and the BentoML tag.
+
+Roll back by promoting an earlier registry version (no gate, it is a human decision):
+
+    python -m pipelines.package --version 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import bentoml
+import mlflow
+from mlflow.entities import Run
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from pipelines import tracking
+from pipelines.download import file_md5
+from pipelines.preprocessing import PREPROCESSING_VERSION
+
+log = logging.getLogger("package")
+
+CHAMPION = "champion"
+BENTO_MODEL = tracking.REGISTERED_MODEL
+BENTO_MODEL_FILE = "model.keras"
+
+
+class PackageError(Exception):
+    """The stage cannot do what was asked; the message says why."""
+
+
+@dataclass(frozen=True)
+class PackageSettings:
+    min_test_accuracy: float
+    tolerance: float
+
+
+def find_best_run(client: MlflowClient, data_hash: str) -> Run:
+    """The finished, evaluated run with the best validation accuracy on this data and contract."""
+    experiment = client.get_experiment_by_name(tracking.EXPERIMENT)
+    if experiment is None:
+        raise PackageError(f"no MLflow experiment '{tracking.EXPERIMENT}': run the train stage")
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=(
+            f"tags.data_hash = '{data_hash}' "
+            f"and tags.preprocessing_version = '{PREPROCESSING_VERSION}' "
+            "and attributes.status = 'FINISHED' and metrics.test_accuracy >= 0"
+        ),
+        order_by=["metrics.val_accuracy DESC", "attributes.start_time DESC"],
+        max_results=1,
+    )
+    if not runs:
+        raise PackageError(
+            f"no evaluated run for data {data_hash} and preprocessing {PREPROCESSING_VERSION}"
+        )
+    return runs[0]
+
+
+def register(client: MlflowClient, run: Run) -> ModelVersion:
+    """The registry version holding this run's model, created only if there is none yet."""
+    existing = client.search_model_versions(
+        f"name = '{tracking.REGISTERED_MODEL}' and run_id = '{run.info.run_id}'"
+    )
+    if existing:
+        return min(existing, key=lambda version: int(version.version))
+    registered = mlflow.register_model(
+        f"runs:/{run.info.run_id}/{tracking.MODEL_ARTIFACT}", tracking.REGISTERED_MODEL
+    )
+    return client.get_model_version(tracking.REGISTERED_MODEL, registered.version)
+
+
+def current_champion(client: MlflowClient) -> ModelVersion | None:
+    try:
+        return client.get_model_version_by_alias(tracking.REGISTERED_MODEL, CHAMPION)
+    except MlflowException:
+        return None
+
+
+def gate(candidate: Run, champion: Run | None, settings: PackageSettings) -> str | None:
+    """Why the candidate may not become champion, or None when it passes."""
+    accuracy = candidate.data.metrics["test_accuracy"]
+    if accuracy < settings.min_test_accuracy:
+        return f"test accuracy {accuracy:.4f} is below the floor {settings.min_test_accuracy:.4f}"
+    if champion is not None and is_compatible(champion, champion.data.tags.get("data_hash", "")):
+        best = champion.data.metrics.get("test_accuracy", 0.0)
+        if accuracy < best - settings.tolerance:
+            return (
+                f"test accuracy {accuracy:.4f} is worse than the champion's {best:.4f} "
+                f"beyond the tolerance {settings.tolerance}"
+            )
+    return None
+
+
+def is_compatible(run: Run, data_hash: str) -> bool:
+    tags = run.data.tags
+    return (
+        tags.get("data_hash") == data_hash
+        and tags.get("preprocessing_version") == PREPROCESSING_VERSION
+    )
+
+
+def bento_tag(version: ModelVersion) -> str:
+    return f"{BENTO_MODEL}:v{version.version}-{version.run_id[:8]}"
+
+
+def import_to_bentoml(version: ModelVersion, run: Run) -> str:
+    """Put the registry version into the BentoML store as the latest `digits-cnn`; idempotent."""
+    tag = bento_tag(version)
+    try:
+        existing = bentoml.models.get(tag)
+    except bentoml.exceptions.NotFound:
+        existing = None
+    if existing is not None:
+        if str(bentoml.models.get(f"{BENTO_MODEL}:latest").tag) == tag:
+            log.info("BentoML store already serves %s", tag)
+            return tag
+        bentoml.models.delete(tag)  # re-created below so that it becomes `latest` again
+    model = mlflow.keras.load_model(f"models:/{tracking.REGISTERED_MODEL}/{version.version}")
+    metrics, tags = run.data.metrics, run.data.tags
+    metadata = {
+        "mlflow_run_id": run.info.run_id,
+        "registry_version": int(version.version),
+        "val_accuracy": metrics.get("val_accuracy"),
+        "test_accuracy": metrics.get("test_accuracy"),
+        "canvas_accuracy": metrics.get("canvas_accuracy"),
+        "data_hash": tags.get("data_hash"),
+        "git_commit": tags.get("git_commit"),
+        "preprocessing_version": tags.get("preprocessing_version"),
+        "trained_at": datetime.fromtimestamp(run.info.start_time / 1000, UTC).isoformat(),
+    }
+    labels = {"registry_version": str(version.version), "stage": CHAMPION}
+    with bentoml.models.create(tag, labels=labels, metadata=metadata) as ref:
+        model.save(ref.path_of(BENTO_MODEL_FILE))
+    log.info("imported registry version %s into the BentoML store as %s", version.version, tag)
+    return tag
+
+
+def promote_best(client: MlflowClient, data_hash: str, settings: PackageSettings) -> dict:
+    """Steps 1-3 of the module docstring; returns what happened, for the report."""
+    candidate = find_best_run(client, data_hash)
+    version = register(client, candidate)
+    champion = current_champion(client)
+    champion_run = client.get_run(champion.run_id) if champion else None
+    if champion is not None and champion.version == version.version:
+        return {"decision": f"version {version.version} is already the champion"}
+    refusal = gate(candidate, champion_run, settings)
+    if refusal is None:
+        client.set_registered_model_alias(tracking.REGISTERED_MODEL, CHAMPION, version.version)
+        return {"decision": f"version {version.version} promoted to champion"}
+    if champion is None:
+        raise PackageError(
+            f"no champion: the best run {candidate.info.run_id} fails the gate: {refusal}"
+        )
+    return {
+        "decision": f"version {version.version} not promoted, champion stays "
+        f"at version {champion.version}: {refusal}"
+    }
+
+
+def roll_back(client: MlflowClient, version_number: int, data_hash: str) -> dict:
+    """Make an earlier registry version the champion again, if it fits the current contract."""
+    try:
+        version = client.get_model_version(tracking.REGISTERED_MODEL, str(version_number))
+    except MlflowException as error:
+        raise PackageError(f"no version {version_number} of {tracking.REGISTERED_MODEL}") from error
+    if not is_compatible(client.get_run(version.run_id), data_hash):
+        raise PackageError(
+            f"version {version_number} was trained on other data or preprocessing; "
+            "the service could not read drawings the way it expects"
+        )
+    client.set_registered_model_alias(tracking.REGISTERED_MODEL, CHAMPION, version.version)
+    return {"decision": f"rolled back: version {version.version} is the champion"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--data", type=Path, default=Path("data/prepared/mnist.npz"))
+    parser.add_argument("--report", type=Path, default=Path("reports/package.json"))
+    parser.add_argument("--version", type=int, help="promote this registry version (rollback)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    settings = PackageSettings(**tracking.load_params(args.params)["package"])
+    tracking.connect()
+    client = MlflowClient()
+    data_hash = file_md5(args.data)
+    try:
+        if args.version is None:
+            outcome = promote_best(client, data_hash, settings)
+        else:
+            outcome = roll_back(client, args.version, data_hash)
+    except PackageError as error:
+        raise SystemExit(f"package: {error}") from None
+    log.info(outcome["decision"])
+
+    champion = current_champion(client)
+    run = client.get_run(champion.run_id)
+    report = {
+        **outcome,
+        "registered_model": tracking.REGISTERED_MODEL,
+        "champion_version": int(champion.version),
+        "run_id": champion.run_id,
+        "val_accuracy": run.data.metrics.get("val_accuracy"),
+        "test_accuracy": run.data.metrics.get("test_accuracy"),
+        "bentoml_tag": import_to_bentoml(champion, run),
+    }
+    args.report.parent.mkdir(parents=True, exist_ok=True)
+    args.report.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""The contract between training, evaluation and serving: the model's input and how any image
+becomes it.
+
+MNIST digits were made by fitting each digit into a 20x20 box (aspect ratio kept, anti-aliased)
+and placing that box in a 28x28 frame so that the ink's centre of mass sits in the middle. A
+drawing from a canvas looks nothing like that until it goes through the same steps, so this
+module repeats them for any image: find the ink (on a light, dark or transparent background),
+ignore specks, crop, fit into 20x20, centre by mass. The service calls `image_to_input` on every
+request and evaluation calls it on canvas-like renderings of the test set; both import it from
+here so the two can never drift apart.
+
+Bump `PREPROCESSING_VERSION` whenever the output of this module changes for the same image: the
+package stage only promotes models trained under the current version.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageSequence
+from scipy import ndimage
+
+PREPROCESSING_VERSION = "mnist-box20-com-v1"
+IMAGE_SIZE = 28
+INPUT_SHAPE = (IMAGE_SIZE, IMAGE_SIZE, 1)
+LABELS = tuple(range(10))  # class index i is the digit i
+DIGIT_BOX = 20  # MNIST fits every digit into a 20x20 box inside the 28x28 frame
+
+ACCEPTED_FORMATS = frozenset({"PNG", "JPEG", "GIF", "BMP", "WEBP"})
+MAX_IMAGE_PIXELS = 4096 * 4096  # checked from the header, before any pixel is decoded
+MAX_WORKING_SIDE = 256  # larger images are box-averaged down first: same result, far less work
+INK_THRESHOLD = 0.2  # a pixel is ink when it differs from the background by 20% of full range
+MIN_CONTRAST = 0.15  # below this the image is blank (uniform, or only compression noise)
+SPECK_FRACTION = 0.02  # ink blobs holding less than 2% of all ink are specks, not strokes
+MIN_INK_PIXELS = 4  # fewer ink pixels than this is not a digit
+
+
+class ImageError(ValueError):
+    """An image that cannot become model input. `reason` is a short machine-readable code."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class NoDigitError(ImageError):
+    """The image decodes fine but holds no digit (blank, or only specks)."""
+
+    def __init__(self, message: str = "no digit found in the image") -> None:
+        super().__init__(message, reason="no_digit")
+
+
+def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Decode image bytes strictly: known formats only, size checked before decoding.
+
+    Animated images (GIF, APNG, WebP) are read from their first frame.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ImageError(f"image is too large: {error}", reason="too_large") from error
+    except Exception as error:  # Pillow raises many types for unreadable bytes
+        raise ImageError("the data is not a readable image", reason="not_an_image") from error
+    if image.format not in ACCEPTED_FORMATS:
+        raise ImageError(
+            f"unsupported image format {image.format}; use one of {sorted(ACCEPTED_FORMATS)}",
+            reason="unsupported_format",
+        )
+    width, height = image.size
+    if width < 1 or height < 1 or width * height > max_pixels:
+        raise ImageError(
+            f"image is {width}x{height} pixels; at most {max_pixels} pixels are accepted",
+            reason="too_large",
+        )
+    try:
+        first_frame = next(ImageSequence.Iterator(image))
+        first_frame.load()
+    except Exception as error:  # truncated or corrupt pixel data
+        raise ImageError(
+            "the image data is truncated or corrupt", reason="corrupt_image"
+        ) from error
+    return first_frame
+
+
+def ink_map(image: Image.Image) -> np.ndarray:
+    """Return a float32 array in [0, 1] where 1 is full ink and 0 is background.
+
+    Transparency, when present, is the ink (a canvas draws opaque strokes on a transparent
+    background, whatever their colour). Otherwise the background is taken from the border and
+    ink is whatever differs from it, so dark-on-light and light-on-dark both work.
+    """
+    image = _shrink(image)
+    if _has_transparency(image):
+        alpha = np.asarray(image.convert("RGBA").getchannel("A"), dtype=np.float32) / 255.0
+        if alpha.max() - alpha.min() >= MIN_CONTRAST:
+            return alpha - alpha.min()
+        image = image.convert("RGBA").convert("RGB")
+    gray = _grayscale(image)
+    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    background = float(np.median(border))
+    return np.abs(gray - background).astype(np.float32)
+
+
+def ink_to_input(ink: np.ndarray) -> np.ndarray:
+    """Turn an ink map of any size into a 28x28 MNIST-style float32 image in [0, 1]."""
+    ink = np.nan_to_num(np.asarray(ink, dtype=np.float32))
+    contrast = float(ink.max()) if ink.size else 0.0
+    if contrast < MIN_CONTRAST:
+        raise NoDigitError()
+    ink = ink / contrast
+    rows, cols = _digit_bounds(ink)
+    digit = _fit_into_box(ink[rows, cols])
+    return _place_by_centre_of_mass(digit)
+
+
+def image_to_input(image: Image.Image) -> np.ndarray:
+    """The whole contract: any decoded image to the model's 28x28 input."""
+    return ink_to_input(ink_map(image))
+
+
+def bytes_to_input(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Decode image bytes and preprocess them; raises ImageError for anything unusable."""
+    return image_to_input(decode_image(data, max_pixels=max_pixels))
+
+
+def as_batch(images: np.ndarray) -> np.ndarray:
+    """Shape (N, 28, 28) images in [0, 1] as the model's (N, 28, 28, 1) float32 input."""
+    return np.asarray(images, dtype=np.float32).reshape((-1, *INPUT_SHAPE))
+
+
+def _has_transparency(image: Image.Image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
+
+
+def _grayscale(image: Image.Image) -> np.ndarray:
+    """Grayscale in [0, 1] for any mode, including 16- and 32-bit ones Pillow cannot map to L."""
+    if image.mode.startswith("I") or image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        full_scale = 65535.0 if values.max(initial=0) <= 65535 else float(values.max())
+        return np.clip(values / full_scale, 0.0, 1.0).astype(np.float32)
+    return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+
+
+def _shrink(image: Image.Image) -> Image.Image:
+    """Box-average big images down by an integer factor so the working side is at most 256."""
+    factor = max(image.size) // MAX_WORKING_SIDE + (max(image.size) % MAX_WORKING_SIDE > 0)
+    if factor <= 1:
+        return image
+    if image.mode not in ("L", "LA", "RGB", "RGBA"):
+        image = image.convert("RGBA" if _has_transparency(image) else "RGB")
+    return image.reduce(factor)
+
+
+def _digit_bounds(ink: np.ndarray) -> tuple[slice, slice]:
+    """Bounding box of the ink, ignoring blobs too small to be part of a stroke."""
+    mask = ink >= INK_THRESHOLD
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3)))
+    if count == 0:
+        raise NoDigitError()
+    masses = ndimage.sum_labels(ink, labels, index=np.arange(1, count + 1))
+    keep = np.flatnonzero(masses >= SPECK_FRACTION * masses.sum()) + 1
+    strokes = np.isin(labels, keep)
+    if strokes.sum() < MIN_INK_PIXELS:
+        raise NoDigitError()
+    row_hits = np.flatnonzero(strokes.any(axis=1))
+    col_hits = np.flatnonzero(strokes.any(axis=0))
+    return slice(row_hits[0], row_hits[-1] + 1), slice(col_hits[0], col_hits[-1] + 1)
+
+
+def _fit_into_box(digit: np.ndarray) -> np.ndarray:
+    """Scale so the longer side is 20 pixels, aspect ratio kept, anti-aliased; max ink is 1."""
+    height, width = digit.shape
+    scale = DIGIT_BOX / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    resized = Image.fromarray(digit.astype(np.float32), mode="F").resize(
+        size, Image.Resampling.LANCZOS, reducing_gap=None if scale > 0.5 else 2.0
+    )
+    boxed = np.clip(np.asarray(resized, dtype=np.float32), 0.0, None)
+    peak = float(boxed.max())
+    return boxed / peak if peak > 0 else boxed
+
+
+def _place_by_centre_of_mass(digit: np.ndarray) -> np.ndarray:
+    """Put the digit in a 28x28 frame with its centre of mass at the frame's centre."""
+    frame = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
+    height, width = digit.shape
+    centre_row, centre_col = ndimage.center_of_mass(digit)  # (row, col), not (x, y)
+    top = int(np.clip(round(IMAGE_SIZE / 2 - centre_row), 0, IMAGE_SIZE - height))
+    left = int(np.clip(round(IMAGE_SIZE / 2 - centre_col), 0, IMAGE_SIZE - width))
+    frame[top : top + height, left : left + width] = digit
+    return np.clip(frame, 0.0, 1.0)

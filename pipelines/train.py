@@ -1,0 +1,264 @@
+"""The `train` stage: fit the CNN on the prepared MNIST split and track the run in MLflow.
+
+Run with `python -m pipelines.train` (dvc.yaml does). Settings come from the `train:` section of
+params.yaml. Augmentation (rotation, zoom, shift, stroke thickness) runs batched inside a
+parallel tf.data pipeline with stateless random ops, so both cores stay busy and the same seed
+gives the same model. The schedule is fixed (warm-up then cosine decay) and the final weights are
+kept; the validation split is only watched, and the test set is never touched here.
+
+Outputs: the model file, `reports/train.json` (validation metrics and the MLflow run id that the
+evaluate stage continues) and a per-epoch history CSV for `dvc plots`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import mlflow
+import numpy as np
+import tensorflow as tf
+
+from pipelines import tracking
+from pipelines.download import file_md5, load_prepared
+from pipelines.model import build_model
+from pipelines.preprocessing import INPUT_SHAPE, PREPROCESSING_VERSION, as_batch
+
+log = logging.getLogger("train")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    seed: int
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    warmup_epochs: float
+    weight_decay: float
+    label_smoothing: float
+    filters: tuple[int, int, int]
+    dropout: float
+    rotation_degrees: float
+    zoom: float
+    shift_pixels: float
+    thickness: float
+    max_train_images: int  # 0 means all
+
+    @classmethod
+    def from_params(cls, section: dict) -> TrainSettings:
+        values = dict(section)
+        values["filters"] = tuple(values["filters"])
+        return cls(**values)
+
+
+def random_thickness(images: tf.Tensor, strength: float, seed: tf.Tensor) -> tf.Tensor:
+    """Blend each image towards its dilation (thicker) or erosion (thinner) by a random amount.
+
+    images: (B, 28, 28, 1). A blend factor in [-strength, strength] per image: positive thickens.
+    """
+    amount = tf.random.stateless_uniform([tf.shape(images)[0], 1, 1, 1], seed, -strength, strength)
+    dilated = tf.nn.max_pool2d(images, ksize=3, strides=1, padding="SAME")
+    eroded = -tf.nn.max_pool2d(-images, ksize=3, strides=1, padding="SAME")
+    target = tf.where(amount > 0, dilated, eroded)
+    return images + tf.abs(amount) * (target - images)
+
+
+def random_affine(
+    images: tf.Tensor, rotation_degrees: float, zoom: float, shift_pixels: float, seed: tf.Tensor
+) -> tf.Tensor:
+    """Rotate, zoom and shift each image about its centre, filling with background (0)."""
+    batch = tf.shape(images)[0]
+    seeds = tf.random.experimental.stateless_split(seed, 4)
+    angle = tf.random.stateless_uniform([batch], seeds[0], -1.0, 1.0) * (
+        rotation_degrees * math.pi / 180.0
+    )
+    scale = tf.random.stateless_uniform([batch], seeds[1], 1.0 - zoom, 1.0 + zoom)
+    shift = tf.random.stateless_uniform([batch, 2], seeds[2], -shift_pixels, shift_pixels)
+    # The transform maps output pixel (x, y) to input pixel (x', y'): the inverse of the motion.
+    cos, sin = tf.cos(angle) / scale, tf.sin(angle) / scale
+    centre = (INPUT_SHAPE[0] - 1) / 2.0
+    offset_x = centre - cos * (centre + shift[:, 0]) + sin * (centre + shift[:, 1])
+    offset_y = centre - sin * (centre + shift[:, 0]) - cos * (centre + shift[:, 1])
+    zeros = tf.zeros_like(angle)
+    transforms = tf.stack([cos, -sin, offset_x, sin, cos, offset_y, zeros, zeros], axis=1)
+    return tf.raw_ops.ImageProjectiveTransformV3(
+        images=images,
+        transforms=transforms,
+        output_shape=INPUT_SHAPE[:2],
+        fill_value=0.0,
+        interpolation="BILINEAR",
+        fill_mode="CONSTANT",
+    )
+
+
+def training_dataset(
+    x: np.ndarray, y: np.ndarray, settings: TrainSettings, steps: int
+) -> tf.data.Dataset:
+    """Shuffled, augmented batches for all epochs at once, reproducible from the seed."""
+
+    def augment(step: tf.Tensor, batch: tuple[tf.Tensor, tf.Tensor]):
+        images, labels = batch
+        seed = tf.stack([tf.cast(settings.seed, tf.int64), step])
+        thickness_seed, affine_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+        images = random_thickness(images, settings.thickness, thickness_seed)
+        images = random_affine(
+            images, settings.rotation_degrees, settings.zoom, settings.shift_pixels, affine_seed
+        )
+        return tf.clip_by_value(images, 0.0, 1.0), tf.one_hot(labels, 10)
+
+    dataset = (
+        tf.data.Dataset.from_tensor_slices((as_batch(x), y.astype(np.int32)))
+        .shuffle(len(x), seed=settings.seed, reshuffle_each_iteration=True)
+        .repeat()
+        .batch(settings.batch_size, drop_remainder=True)
+        .take(steps)
+        .enumerate()
+        .map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    )
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def learning_rate_schedule(settings: TrainSettings, steps_per_epoch: int):
+    """Linear warm-up to the peak rate, then cosine decay to zero: a one-cycle schedule."""
+    total = settings.epochs * steps_per_epoch
+    warmup = min(int(settings.warmup_epochs * steps_per_epoch), total - 1)
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=settings.learning_rate / 25,
+        decay_steps=total - warmup,
+        warmup_target=settings.learning_rate,
+        warmup_steps=warmup,
+        alpha=0.0,
+    )
+
+
+class EpochLogger(keras.callbacks.Callback):
+    """Log each epoch's metrics and elapsed time to the log, MLflow and a history list."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.history: list[dict[str, float]] = []
+        self.started = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        metrics = {name: float(value) for name, value in (logs or {}).items()}
+        metrics.pop("learning_rate", None)
+        self.history.append({"epoch": epoch + 1, **metrics})
+        mlflow.log_metrics(metrics, step=epoch + 1)
+        log.info(
+            "epoch %d: val_accuracy %.4f, %.0f s elapsed",
+            epoch + 1,
+            metrics.get("val_accuracy", float("nan")),
+            time.perf_counter() - self.started,
+        )
+
+
+def training_images(data: dict[str, np.ndarray], settings: TrainSettings):
+    """The training split as float images in [0, 1], cut to `max_train_images` when set."""
+    count = settings.max_train_images or len(data["x_train"])
+    return data["x_train"][:count].astype(np.float32) / 255.0, data["y_train"][:count]
+
+
+def train(data: dict[str, np.ndarray], settings: TrainSettings) -> tuple[keras.Model, EpochLogger]:
+    """Fit the model on the training split, watching the validation split."""
+    keras.utils.set_random_seed(settings.seed)
+    tf.config.experimental.enable_op_determinism()
+    x_train, y_train = training_images(data, settings)
+    steps_per_epoch = len(x_train) // settings.batch_size
+    validation = (
+        as_batch(data["x_val"].astype(np.float32) / 255.0),
+        keras.utils.to_categorical(data["y_val"], 10),
+    )
+
+    model = build_model(settings.filters, settings.dropout)
+    model.compile(
+        optimizer=keras.optimizers.AdamW(
+            learning_rate=learning_rate_schedule(settings, steps_per_epoch),
+            weight_decay=settings.weight_decay,
+        ),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=settings.label_smoothing),
+        metrics=["accuracy"],
+    )
+    log.info(
+        "training %d parameters on %d images for %d epochs",
+        model.count_params(),
+        len(x_train),
+        settings.epochs,
+    )
+    logger = EpochLogger()
+    model.fit(
+        training_dataset(x_train, y_train, settings, steps_per_epoch * settings.epochs),
+        epochs=settings.epochs,
+        steps_per_epoch=steps_per_epoch,
+        validation_data=validation,
+        validation_batch_size=1000,
+        callbacks=[logger],
+        verbose=2,
+    )
+    return model, logger
+
+
+def write_history(history: list[dict[str, float]], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--data", type=Path, default=Path("data/prepared/mnist.npz"))
+    parser.add_argument("--model", type=Path, default=Path("models/model.keras"))
+    parser.add_argument("--metrics", type=Path, default=Path("reports/train.json"))
+    parser.add_argument("--history", type=Path, default=Path("reports/train_history.csv"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    params = tracking.load_params(args.params)
+    settings = TrainSettings.from_params(params["train"])
+    data = load_prepared(args.data)
+    data_hash = file_md5(args.data)
+
+    with tracking.start_run(run_name="train") as run:
+        mlflow.log_params(tracking.flatten(params))
+        mlflow.set_tags(tracking.lineage_tags(data_hash))
+        started = time.perf_counter()
+        model, logger = train(data, settings)
+        seconds = time.perf_counter() - started
+        images = settings.epochs * len(training_images(data, settings)[1])
+        summary = {
+            "val_accuracy": logger.history[-1]["val_accuracy"],
+            "val_loss": logger.history[-1]["val_loss"],
+            "train_seconds": round(seconds, 1),
+            "images_per_second": round(images / seconds, 1),
+            "parameters": model.count_params(),
+            "run_id": run.info.run_id,
+            "data_hash": data_hash,
+            "preprocessing_version": PREPROCESSING_VERSION,
+        }
+        mlflow.log_metrics({k: summary[k] for k in ("train_seconds", "images_per_second")})
+        args.model.parent.mkdir(parents=True, exist_ok=True)
+        model.save(args.model)
+        tracking.log_keras_model(model, data["x_val"][:2])
+        write_history(logger.history, args.history)
+        args.metrics.parent.mkdir(parents=True, exist_ok=True)
+        args.metrics.write_text(json.dumps(summary, indent=2) + "\n")
+    log.info(
+        "trained in %.0f s (%.0f images/s): val_accuracy %.4f, run %s",
+        seconds,
+        summary["images_per_second"],
+        summary["val_accuracy"],
+        summary["run_id"],
+    )
+
+
+if __name__ == "__main__":
+    main()
