@@ -7,8 +7,10 @@ By default runs go to an embedded SQLite store, `mlflow.db` in the project root 
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -88,8 +90,29 @@ def lineage_tags(data_hash: str) -> dict[str, str]:
     }
 
 
+def model_requirements() -> list[str]:
+    """The packages, pinned to what is installed, that loading the logged model needs."""
+    return [
+        f"{name}=={importlib.metadata.version(name)}"
+        for name in ("tensorflow-cpu", "keras", "numpy")
+    ]
+
+
 def log_keras_model(model: Any, example_images: np.ndarray) -> None:
-    """Log the model with the mlflow.keras flavor, with a signature and an input example."""
+    """Log the model with the mlflow.keras flavor, a signature and an input example.
+
+    `mlflow.keras.log_model` fails when given an input example (mlflow issue #16183: it writes
+    the example before creating its folder), so the flavor is saved into a folder that exists
+    and logged as the run's `model` artifact, which the registry accepts as `runs:/<id>/model`.
+    """
     example = as_batch(example_images.astype(np.float32) / 255.0)
     signature = mlflow.models.infer_signature(example, np.asarray(model(example)))
-    mlflow.keras.log_model(model, name=MODEL_ARTIFACT, signature=signature, input_example=example)
+    with tempfile.TemporaryDirectory() as folder:
+        mlflow.keras.save_model(
+            model,
+            folder,
+            signature=signature,
+            input_example=example,
+            pip_requirements=model_requirements(),  # inferring them would reload the model
+        )
+        mlflow.log_artifacts(folder, artifact_path=MODEL_ARTIFACT)

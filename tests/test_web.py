@@ -92,6 +92,7 @@ class DrawingPage:
         self.pad = page.get_by_test_id("pad")
         self.digit = page.get_by_test_id("digit")
         self.status = page.get_by_test_id("status")
+        self.result = page.get_by_test_id("result")
         self.bars = page.get_by_test_id("probabilities").locator("[data-digit]")
 
     def _record_console(self, message: ConsoleMessage) -> None:
@@ -139,6 +140,9 @@ class DrawingPage:
         cdp.detach()
 
     def expect_digit(self, digit: str) -> None:
+        """Waits for the answer about the drawing as it is now: while drawing, the page also
+        shows answers about the strokes so far, which may read differently."""
+        expect(self.result).to_have_attribute("aria-busy", "false", timeout=ANSWER_TIMEOUT_MS)
         expect(self.digit).to_have_text(digit, timeout=ANSWER_TIMEOUT_MS)
 
     def expect_invitation(self) -> None:
@@ -238,9 +242,10 @@ def test_empty_pad_shows_the_invitation_without_asking_the_service(
     drawing = open_page()
 
     drawing.expect_invitation()
-    drawing.page.get_by_test_id("clear").click()
-    drawing.page.get_by_test_id("undo").click()
+    expect(drawing.page.get_by_test_id("clear")).to_be_disabled()
+    expect(drawing.page.get_by_test_id("undo")).to_be_disabled()
     drawing.page.keyboard.press("z")
+    drawing.page.keyboard.press("Escape")
     drawing.page.wait_for_timeout(500)
     drawing.expect_invitation()
     assert drawing.predict_requests == []
@@ -252,6 +257,7 @@ def test_clear_returns_to_the_invitation(open_page: Callable[..., DrawingPage]) 
 
     drawing.draw(seven())
     drawing.expect_digit("7")
+    expect(drawing.page.get_by_test_id("undo")).to_be_enabled()
     drawing.page.get_by_test_id("clear").click()
     drawing.expect_invitation()
 
@@ -372,7 +378,7 @@ def test_ignores_a_late_answer_about_a_cleared_drawing(
 ) -> None:
     drawing = open_page()
     held: list[Route] = []
-    drawing.page.route("**/predict", held.append)
+    drawing.page.route("**/predict", lambda route: held.append(route))
 
     drawing.draw(one())
     for _ in range(100):

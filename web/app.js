@@ -71,7 +71,6 @@ function beginStroke(event) {
   const rect = pad.getBoundingClientRect();
   activeStroke = { pointerId: event.pointerId, rect, points: [pointFrom(event, rect)] };
   strokes.push(activeStroke.points);
-  statusView.setAttribute("aria-busy", "true"); // announce the result once the stroke ends
   drawingChanged();
 }
 
@@ -89,7 +88,6 @@ function endStroke(event) {
   if (event.pointerId !== activeStroke?.pointerId) return;
   if (event.type === "pointerup") addPoint(activeStroke.points, pointFrom(event, activeStroke.rect));
   activeStroke = null;
-  statusView.removeAttribute("aria-busy");
   drawingChanged({ settled: true });
 }
 
@@ -118,6 +116,14 @@ function drawingChanged({ settled = false } = {}) {
   if (strokes.length === 0) showInvitation();
   else if (settled) predictNow();
   else schedulePrediction();
+  markBusy();
+}
+
+// The result region is busy while its answer is about an older drawing: screen readers wait
+// for it before announcing, and tests wait for it before reading the answer.
+function markBusy() {
+  const waiting = shownVersion !== drawingVersion && result.dataset.state !== "error";
+  result.setAttribute("aria-busy", String(waiting));
 }
 
 // ---- Rendering -----------------------------------------------------------------------------
@@ -165,21 +171,20 @@ function render() {
 }
 
 // Keeps the backing store at device pixels, so strokes stay crisp on high-DPI screens.
-function observePadSize() {
-  const observer = new ResizeObserver(([entry]) => {
-    const box = entry.devicePixelContentBoxSize?.[0];
-    const width = box?.inlineSize ?? Math.round(entry.contentRect.width * devicePixelRatio);
-    const height = box?.blockSize ?? Math.round(entry.contentRect.height * devicePixelRatio);
-    if (width === pad.width && height === pad.height) return;
-    pad.width = width;
-    pad.height = height;
-    render();
-  });
-  try {
-    observer.observe(pad, { box: "device-pixel-content-box" });
-  } catch {
-    observer.observe(pad);
-  }
+function fitBackingStore() {
+  const width = Math.round(pad.clientWidth * devicePixelRatio);
+  const height = Math.round(pad.clientHeight * devicePixelRatio);
+  if (width === pad.width && height === pad.height) return;
+  pad.width = width;
+  pad.height = height;
+  render();
+}
+
+function watchPixelRatio() {
+  matchMedia(`(resolution: ${devicePixelRatio}dppx)`).addEventListener("change", () => {
+    fitBackingStore();
+    watchPixelRatio();
+  }, { once: true });
 }
 
 function readInkColor() {
@@ -228,9 +233,13 @@ async function sendPrediction() {
       stopRetrying();
       if (answer === null) showNoDigit();
       else showPrediction(answer);
+      markBusy();
     }
   } catch (error) {
-    if (error.name !== "AbortError" && version > shownVersion) showError(error);
+    if (error.name !== "AbortError" && version > shownVersion) {
+      showError(error);
+      markBusy();
+    }
   } finally {
     if (inFlight === controller) inFlight = null;
     if (resendWhenDone && !controller.signal.aborted) {
@@ -308,7 +317,8 @@ async function showModelInfo() {
 
 // ---- Showing the answer --------------------------------------------------------------------
 
-const withArticle = (digit) => (digit === 8 ? `an ${digit}` : `a ${digit}`);
+// "an 8", "a 3"; the no-break space keeps the digit on the line of its article.
+const withArticle = (digit) => `${digit === 8 ? "an" : "a"}\u00a0${digit}`;
 
 function setStatus(text) {
   if (statusView.textContent !== text) statusView.textContent = text;
@@ -322,7 +332,6 @@ function showInvitation() {
   resendWhenDone = false;
   stopRetrying();
   shownVersion = drawingVersion;
-  statusView.removeAttribute("aria-busy");
   result.dataset.state = "idle";
   digitView.textContent = "";
   confidenceView.textContent = "";
@@ -384,7 +393,7 @@ function updateBars(probabilities, top = null, runnerUp = null) {
     const probability = probabilities?.[digit] ?? 0;
     bar.dataset.probability = probability.toFixed(4);
     bar.style.setProperty("--probability", String(probability));
-    bar.querySelector(".bar-value").textContent = probabilities ? wholePercent.format(probability) : "";
+    bar.querySelector(".bar-value").textContent = probability >= 0.005 ? wholePercent.format(probability) : "";
     bar.classList.toggle("is-top", digit === top);
     bar.classList.toggle("is-runner-up", digit === runnerUp);
   }
@@ -407,7 +416,8 @@ function onKeydown(event) {
 
 function start() {
   buildBars();
-  observePadSize();
+  new ResizeObserver(fitBackingStore).observe(pad);
+  watchPixelRatio();
   readInkColor();
   matchMedia("(prefers-color-scheme: dark)").addEventListener("change", readInkColor);
   pad.addEventListener("pointerdown", beginStroke);

@@ -1,0 +1,235 @@
+"""ASGI middleware that keeps malformed requests away from the API and makes every refusal JSON.
+
+For every request: a declared Content-Length above the limit gets 413 before anything is read.
+For the API routes (POST /predict, /predict_batch) it also checks, before BentoML sees them:
+- the method is POST (else 405) and the Content-Type is application/json (else 415);
+- the body, read here chunk by chunk, stays within the limit even when no length was declared
+  (else 413 as soon as the limit is passed; the rest is never read);
+- the body is valid JSON matching the route's input model (else 400 naming the field). BentoML
+  would answer these itself, but with its own body shape and a logged traceback per request;
+and afterwards rewrites any error answer that is not already `{"error", "reason"}` JSON (an
+unexpected 500 says only that the server log has the details).
+
+Each refused request is counted by reason in `digits_rejected_inputs_total`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from http import HTTPStatus
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.errors import RequestError, error_body
+
+JSON_MEDIA_TYPE = "application/json"
+
+# Pydantic error types (from BentoML's validation of the JSON body) -> our reason codes.
+VALIDATION_REASONS = {
+    "json_invalid": "invalid_json",
+    "missing": "missing_field",
+    "extra_forbidden": "unexpected_field",
+    "model_type": "invalid_request",
+    "model_attributes_type": "invalid_request",
+    "too_long": "invalid_batch_size",
+    "too_short": "invalid_batch_size",
+}
+
+
+class RequestGuard:
+    def __init__(
+        self,
+        app: ASGIApp,
+        api_inputs: Mapping[str, type[BaseModel]],
+        max_body_bytes: int,
+        on_reject: Callable[[str], None] | None = None,
+    ) -> None:
+        self.app = app
+        self.api_inputs = dict(api_inputs)  # route path -> the model its JSON body must match
+        self.max_body_bytes = max_body_bytes
+        self.on_reject = on_reject
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        try:
+            declared_length = int(headers.get("content-length", "0"))
+        except ValueError:  # the HTTP server normally rejects these itself
+            declared_length = 0
+        if declared_length > self.max_body_bytes:
+            await self._refuse(send, self._too_large())
+            return
+        input_model = self.api_inputs.get(scope["path"])
+        if input_model is None:
+            await self.app(scope, receive, send)
+            return
+        if scope["method"] != "POST":
+            refusal = RequestError(
+                f"use POST for {scope['path']}",
+                "method_not_allowed",
+                HTTPStatus.METHOD_NOT_ALLOWED,
+            )
+            await self._refuse(send, refusal, extra_headers=[(b"allow", b"POST")])
+            return
+        media_type = headers.get("content-type", "").split(";")[0].strip().lower()
+        if media_type != JSON_MEDIA_TYPE:
+            refusal = RequestError(
+                f"the request body must be JSON (Content-Type: {JSON_MEDIA_TYPE})",
+                "unsupported_media_type",
+                HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+            )
+            await self._refuse(send, refusal)
+            return
+        body = await self._read_body(receive)
+        if body is None:
+            await self._refuse(send, self._too_large())
+            return
+        try:
+            input_model.model_validate_json(body or b"{}")
+        except ValidationError as error:
+            details = error.errors(include_url=False, include_context=False, include_input=False)
+            await self._send_json(
+                send, HTTPStatus.BAD_REQUEST, _from_validation_error(details[0]), []
+            )
+            return
+        await self.app(scope, _replay(body, receive), self._normalizing(send))
+
+    def _too_large(self) -> RequestError:
+        return RequestError(
+            f"the request body is larger than {self.max_body_bytes} bytes",
+            "body_too_large",
+            HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+        )
+
+    async def _read_body(self, receive: Receive) -> bytes | None:
+        """The whole body, or None as soon as it passes the limit."""
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return b""  # nobody is listening; let the app fail on the empty body quietly
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def _refuse(
+        self,
+        send: Send,
+        error: RequestError,
+        extra_headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        await self._send_json(send, error.status, error_body(error), extra_headers or [])
+
+    async def _send_json(
+        self, send: Send, status: int, body: dict[str, str], headers: list[tuple[bytes, bytes]]
+    ) -> None:
+        if self.on_reject is not None:
+            self.on_reject(body["reason"])
+        content = json.dumps(body).encode()
+        headers = [
+            *headers,
+            (b"content-type", JSON_MEDIA_TYPE.encode()),
+            (b"content-length", str(len(content)).encode()),
+        ]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": content})
+
+    def _normalizing(self, send: Send) -> Send:
+        """Wrap `send`: pass successes through, collect error answers and send them normalized."""
+        start: Message | None = None
+        chunks: list[bytes] = []
+
+        async def normalizing_send(message: Message) -> None:
+            nonlocal start
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                start = message
+                return
+            if start is None or message["type"] != "http.response.body":
+                await send(message)
+                return
+            chunks.append(message.get("body", b""))
+            if message.get("more_body", False):
+                return
+            status = start["status"]
+            kept = [
+                (name, value)
+                for name, value in start.get("headers", [])
+                if name.lower() not in (b"content-type", b"content-length")
+            ]
+            await self._send_json(send, status, normalized(status, b"".join(chunks)), kept)
+
+        return normalizing_send
+
+
+def normalized(status: int, body: bytes) -> dict[str, str]:
+    """`{"error", "reason"}` for any error body BentoML or the service produced."""
+    try:
+        data: Any = json.loads(body)
+    except ValueError:
+        data = None
+    if isinstance(data, list) and len(data) == 1:
+        data = data[0]  # BentoML 1.4 wraps the body of a raised BentoMLException in a list
+    if isinstance(data, dict) and isinstance(data.get("reason"), str) and "error" in data:
+        return {"error": str(data["error"]), "reason": data["reason"]}
+    if status >= 500:
+        return {
+            "error": "internal error; the server log has the details",
+            "reason": "internal_error",
+        }
+    if isinstance(data, dict) and isinstance(data.get("detail"), list) and data["detail"]:
+        return _from_validation_error(data["detail"][0])
+    phrase = _phrase(status)
+    message = data.get("error") if isinstance(data, dict) else None
+    return {
+        "error": str(message) if message else phrase,
+        "reason": phrase.lower().replace(" ", "_").replace("-", "_"),
+    }
+
+
+def _from_validation_error(detail: dict[str, Any]) -> dict[str, str]:
+    kind = str(detail.get("type", ""))
+    field = ".".join(str(part) for part in detail.get("loc", ()))
+    reason = VALIDATION_REASONS.get(kind, "invalid_field")
+    if kind == "json_invalid":
+        message = "the request body is not valid JSON"
+    elif kind in ("model_type", "model_attributes_type"):
+        message = "the request body must be a JSON object"
+    elif kind == "missing":
+        message = f"missing field '{field}'"
+    elif kind == "extra_forbidden":
+        message = f"unexpected field '{field}'"
+    else:
+        message = f"field '{field}': {detail.get('msg', 'invalid value')}"
+    return {"error": message, "reason": reason}
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A `receive` that gives the already-read body once, then defers to the real one."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay

@@ -1,0 +1,63 @@
+"""The service's own Prometheus metrics, exposed by BentoML at /metrics with its built-in ones.
+
+BentoML runs prometheus_client in multiprocess mode (PROMETHEUS_MULTIPROC_DIR, set up by
+`bentoml serve`) and serves the default registry, so plain `prometheus_client` metrics are
+enough. They are created on first use, in the worker, never at import time: the metrics mode
+is fixed when prometheus_client is first imported, and a metric may only be registered once
+per process.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from prometheus_client import Counter, Histogram
+
+CONFIDENCE_BUCKETS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 1.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+@dataclass(frozen=True)
+class Metrics:
+    predictions: Counter  # labels: digit
+    confidence: Histogram  # the predicted digit's probability
+    rejected: Counter  # labels: reason
+    model_batch_size: Histogram  # images per model call
+
+
+@functools.cache
+def metrics() -> Metrics:
+    import prometheus_client
+
+    return Metrics(
+        predictions=prometheus_client.Counter(
+            "digits_predictions", "Predictions answered, by predicted digit", ["digit"]
+        ),
+        confidence=prometheus_client.Histogram(
+            "digits_prediction_confidence",
+            "Probability of the predicted digit",
+            buckets=CONFIDENCE_BUCKETS,
+        ),
+        rejected=prometheus_client.Counter(
+            "digits_rejected_inputs", "Requests and batch items refused, by reason", ["reason"]
+        ),
+        model_batch_size=prometheus_client.Histogram(
+            "digits_model_batch_size", "Images per model call", buckets=BATCH_BUCKETS
+        ),
+    )
+
+
+def count_prediction(digit: int, confidence: float) -> None:
+    metrics().predictions.labels(digit=str(digit)).inc()
+    metrics().confidence.observe(confidence)
+
+
+def count_rejection(reason: str) -> None:
+    metrics().rejected.labels(reason=reason).inc()
+
+
+def observe_model_batch(size: int) -> None:
+    metrics().model_batch_size.observe(size)

@@ -1,0 +1,65 @@
+"""Every limit and tuning knob of the service, in one frozen object.
+
+Each value can be overridden by an environment variable named `DIGITS_<FIELD>` in capitals,
+e.g. `DIGITS_MAX_BODY_BYTES=1000000 bentoml serve`. Values are read once, when the service
+module is imported (BentoML needs some of them, like the concurrency limit, at that moment).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+ENV_PREFIX = "DIGITS_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Requests. A canvas PNG is ~10-30 kB; 2 MB leaves room for photos and batches.
+    max_body_bytes: int = 2 * 1024 * 1024  # larger bodies get 413 before they are read
+    max_batch_images: int = 64  # images per /predict_batch request
+    # Decoding: checked from the image header before any pixel is decoded. 2048x2048 is far
+    # above any canvas and keeps the worst decode at ~15 ms (the contract allows 4096x4096).
+    max_image_pixels: int = 2048 * 2048
+    # Serving.
+    max_concurrency: int = 64  # requests in flight per worker; more get 429 at once
+    timeout_seconds: float = 10.0  # a request still unanswered after this gets 504
+    preprocess_threads: int = 2  # threads decoding and preprocessing images
+    # Batching: requests that arrive while the model is busy join its next call.
+    max_model_batch: int = 64  # images per model call
+    batch_wait_ms: float = 0.0  # extra wait for company before a call; 0 = never wait
+    tf_threads: int = 1  # TensorFlow intra-op threads; 1 leaves a core for HTTP and decoding
+    warmup_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            values = value if isinstance(value, tuple) else (value,)
+            if any(v < 0 for v in values):
+                raise ValueError(f"{ENV_PREFIX}{field.name.upper()} must not be negative")
+        if min(self.max_body_bytes, self.max_batch_images, self.max_image_pixels) < 1:
+            raise ValueError("limits must be at least 1")
+        if min(self.max_concurrency, self.preprocess_threads, self.max_model_batch) < 1:
+            raise ValueError("concurrency, threads and batch size must be at least 1")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
+        """Defaults, overridden by DIGITS_* environment variables."""
+        overrides: dict[str, object] = {}
+        for field in dataclasses.fields(cls):
+            raw = environ.get(f"{ENV_PREFIX}{field.name.upper()}")
+            if raw is None:
+                continue
+            kind = type(field.default)
+            try:
+                if kind is tuple:
+                    overrides[field.name] = tuple(int(part) for part in raw.split(","))
+                else:
+                    overrides[field.name] = kind(raw)
+            except ValueError as error:
+                raise ValueError(
+                    f"{ENV_PREFIX}{field.name.upper()}={raw!r} is not a valid {kind.__name__}"
+                ) from error
+        return cls(**overrides)

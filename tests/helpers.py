@@ -1,0 +1,89 @@
+"""Test helpers: a throw-away copy of the project that runs the real pipeline on the fast preset."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_MNIST = REPO.parent / "shared" / "mnist"
+FAST_PARAMS = REPO / "tests" / "fast_params.yaml"
+
+
+@dataclass(frozen=True)
+class FastProject:
+    root: Path
+    bentoml_home: Path
+
+    @property
+    def tracking_uri(self) -> str:
+        return f"sqlite:///{self.root / 'mlflow.db'}"
+
+    def env(self) -> dict[str, str]:
+        """The environment a user would have: the venv first on PATH, embedded stores."""
+        env = dict(os.environ)
+        env.pop("MLFLOW_TRACKING_URI", None)
+        env.update(
+            PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+            MNIST_MIRROR=str(SHARED_MNIST),
+            BENTOML_HOME=str(self.bentoml_home),
+            BENTOML_DO_NOT_TRACK="True",
+            MLFLOW_TRACKING_URI=self.tracking_uri,
+        )
+        return env
+
+
+def fast_params() -> dict:
+    """params.yaml with the fast preset merged in."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for section, overrides in yaml.safe_load(FAST_PARAMS.read_text()).items():
+        params[section].update(overrides)
+    return params
+
+
+def copy_project(target: Path) -> None:
+    """Copy the files git would commit (tracked and untracked-but-not-ignored) into target."""
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    for name in filter(None, listed.split("\0")):
+        source = REPO / name
+        if source.is_file():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target / name)
+
+
+def run_in(project: FastProject, *command: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        command, cwd=project.root, env=project.env(), capture_output=True, text=True
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(command)} exited {result.returncode}\n{result.stdout}\n{result.stderr}"
+        )
+    return result
+
+
+def make_fast_project(base: Path) -> FastProject:
+    """A git-initialised copy of the project whose `dvc repro` has run on the fast preset."""
+    project = FastProject(root=base / "project", bentoml_home=base / "bentoml")
+    project.root.mkdir(parents=True)
+    copy_project(project.root)
+    (project.root / "params.yaml").write_text(yaml.safe_dump(fast_params(), sort_keys=False))
+    for command in (
+        ["git", "init", "-q"],
+        ["git", "add", "-A"],
+        ["git", "-c", "user.name=test", "-c", "user.email=test@localhost", "commit", "-qm", "copy"],
+        ["dvc", "repro"],
+    ):
+        run_in(project, *command)
+    return project

@@ -1,0 +1,224 @@
+"""The shared contract: any drawing becomes an MNIST-like 28x28 input, or a clear error."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image, ImageDraw
+from scipy import ndimage
+
+from pipelines.download import read_idx
+from pipelines.preprocessing import (
+    ImageError,
+    NoDigitError,
+    bytes_to_input,
+    decode_image,
+    image_to_input,
+    ink_to_input,
+)
+from tests.helpers import SHARED_MNIST
+
+
+@pytest.fixture(scope="module")
+def mnist_test_images() -> np.ndarray:
+    return read_idx(SHARED_MNIST / "t10k-images-idx3-ubyte.gz")
+
+
+def draw_seven(
+    size: int = 280,
+    box: tuple[int, int, int, int] = (80, 60, 200, 220),
+    width: int = 18,
+    ink: int | tuple = 0,
+    background: int | tuple = 255,
+    mode: str = "L",
+) -> Image.Image:
+    """A '7' drawn with two strokes inside box (left, top, right, bottom)."""
+    image = Image.new(mode, (size, size), background)
+    draw = ImageDraw.Draw(image)
+    left, top, right, bottom = box
+    draw.line(
+        [(left, top), (right, top), (left + (right - left) // 3, bottom)], fill=ink, width=width
+    )
+    return image
+
+
+def png_bytes(image: Image.Image, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=options.pop("format", "PNG"), **options)
+    return buffer.getvalue()
+
+
+def assert_mnist_like(result: np.ndarray) -> None:
+    assert result.shape == (28, 28)
+    assert result.dtype == np.float32
+    assert np.isfinite(result).all()
+    assert result.min() >= 0.0 and result.max() <= 1.0
+    assert result.max() == pytest.approx(1.0, abs=0.05)
+    rows, cols = np.nonzero(result > 0.05)
+    assert rows.max() - rows.min() + 1 <= 21 and cols.max() - cols.min() + 1 <= 21
+    assert max(rows.max() - rows.min(), cols.max() - cols.min()) + 1 >= 18
+    centre = ndimage.center_of_mass(result)
+    assert centre == pytest.approx((14, 14), abs=1.0)
+
+
+def test_a_drawing_becomes_an_mnist_like_digit():
+    assert_mnist_like(image_to_input(draw_seven()))
+
+
+@pytest.mark.parametrize(
+    "box",
+    [(10, 10, 55, 70), (210, 190, 270, 270), (35, 0, 245, 279), (130, 130, 145, 150)],
+    ids=["top-left", "bottom-right", "huge", "tiny"],
+)
+def test_position_and_size_do_not_matter(box):
+    width = max(2, round(18 * (box[3] - box[1]) / 160))  # the same stroke at a different scale
+    reference = image_to_input(draw_seven())
+    result = image_to_input(draw_seven(box=box, width=width))
+    assert_mnist_like(result)
+    assert np.abs(result - reference).mean() < 0.1
+
+
+@pytest.mark.parametrize("width", [3, 40], ids=["thin", "thick"])
+def test_stroke_width_keeps_the_digit_readable(width):
+    assert_mnist_like(image_to_input(draw_seven(width=width)))
+
+
+def test_transparent_canvas_reads_strokes_from_alpha():
+    transparent = draw_seven(ink=(0, 0, 0, 255), background=(0, 0, 0, 0), mode="RGBA")
+    white = draw_seven()
+    np.testing.assert_allclose(image_to_input(transparent), image_to_input(white), atol=0.02)
+
+
+def test_light_strokes_on_transparent_canvas_read_the_same():
+    light = draw_seven(ink=(255, 255, 255, 255), background=(0, 0, 0, 0), mode="RGBA")
+    np.testing.assert_allclose(image_to_input(light), image_to_input(draw_seven()), atol=0.02)
+
+
+def test_dark_background_with_light_ink_reads_the_same():
+    dark = draw_seven(ink=255, background=0)
+    np.testing.assert_allclose(image_to_input(dark), image_to_input(draw_seven()), atol=0.02)
+
+
+def test_specks_do_not_move_the_crop():
+    clean = draw_seven()
+    speckled = clean.copy()
+    draw = ImageDraw.Draw(speckled)
+    for x, y in [(5, 5), (270, 8), (10, 265), (268, 270)]:
+        draw.rectangle([x, y, x + 2, y + 2], fill=0)
+    np.testing.assert_allclose(image_to_input(speckled), image_to_input(clean), atol=0.02)
+
+
+@pytest.mark.parametrize("colour", [0, 255, 128], ids=["black", "white", "grey"])
+def test_blank_images_have_no_digit(colour):
+    with pytest.raises(NoDigitError):
+        image_to_input(Image.new("L", (280, 280), colour))
+
+
+def test_only_specks_is_no_digit():
+    image = Image.new("L", (280, 280), 255)
+    image.putpixel((100, 100), 0)
+    with pytest.raises(NoDigitError):
+        image_to_input(image)
+
+
+def test_fully_transparent_canvas_has_no_digit():
+    with pytest.raises(NoDigitError):
+        image_to_input(Image.new("RGBA", (280, 280), (0, 0, 0, 0)))
+
+
+def test_mnist_digits_pass_through_almost_unchanged(mnist_test_images):
+    images = mnist_test_images[:200].astype(np.float32) / 255.0
+    differences = [np.abs(ink_to_input(image) - image).mean() for image in images]
+    assert np.median(differences) < 0.01
+
+
+@pytest.mark.parametrize(
+    "mode, fmt", [("RGB", "JPEG"), ("P", "PNG"), ("1", "BMP"), ("CMYK", "JPEG"), ("LA", "WEBP")]
+)
+def test_other_modes_and_formats_decode_to_the_same_digit(mode, fmt):
+    reference = image_to_input(draw_seven())
+    result = bytes_to_input(png_bytes(draw_seven().convert(mode), format=fmt))
+    assert np.abs(result - reference).mean() < 0.03
+
+
+def test_sixteen_bit_png_reads_like_eight_bit():
+    eight = np.asarray(draw_seven(), dtype=np.uint16) * 257
+    sixteen = Image.fromarray(eight.astype(np.uint16))
+    result = bytes_to_input(png_bytes(sixteen))
+    np.testing.assert_allclose(result, image_to_input(draw_seven()), atol=0.02)
+
+
+def test_animated_gif_uses_its_first_frame():
+    frames = [draw_seven(), Image.new("L", (280, 280), 255)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:], duration=100)
+    np.testing.assert_allclose(
+        bytes_to_input(buffer.getvalue()), image_to_input(draw_seven()), atol=0.02
+    )
+
+
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (b"", "not_an_image"),
+        (b"hello, this is text", "not_an_image"),
+        (b'<svg xmlns="http://www.w3.org/2000/svg"/>', "not_an_image"),
+    ],
+    ids=["empty", "text", "svg"],
+)
+def test_non_images_are_rejected_with_a_reason(data, reason):
+    with pytest.raises(ImageError) as caught:
+        decode_image(data)
+    assert caught.value.reason == reason
+
+
+def test_unsupported_formats_are_rejected():
+    with pytest.raises(ImageError) as caught:
+        decode_image(png_bytes(draw_seven(), format="TIFF"))
+    assert caught.value.reason == "unsupported_format"
+
+
+def test_truncated_png_is_rejected():
+    data = png_bytes(draw_seven())
+    with pytest.raises(ImageError) as caught:
+        decode_image(data[: len(data) // 2])
+    assert caught.value.reason == "corrupt_image"
+
+
+def test_decompression_bomb_is_rejected_before_decoding():
+    bomb = png_bytes(Image.new("1", (20000, 20000), 1), optimize=True)
+    assert len(bomb) < 100_000
+    with pytest.raises(ImageError) as caught:
+        decode_image(bomb)
+    assert caught.value.reason == "too_large"
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    width=st.integers(1, 64),
+    height=st.integers(1, 64),
+    mode=st.sampled_from(["L", "RGB", "RGBA", "LA", "1", "I;16"]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_any_decodable_image_gives_valid_input_or_a_clear_error(width, height, mode, seed):
+    rng = np.random.default_rng(seed)
+    channels = {"L": 1, "RGB": 3, "RGBA": 4, "LA": 2, "1": 1, "I;16": 1}[mode]
+    if mode == "I;16":
+        pixels = rng.integers(0, 65536, size=(height, width), dtype=np.uint16)
+        image = Image.fromarray(pixels)
+    else:
+        pixels = rng.integers(0, 256, size=(height, width, channels), dtype=np.uint8)
+        base = Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels)
+        image = base.convert(mode)
+    try:
+        result = bytes_to_input(png_bytes(image))
+    except ImageError as error:
+        assert str(error)
+        return
+    assert result.shape == (28, 28)
+    assert np.isfinite(result).all()
+    assert result.min() >= 0.0 and result.max() <= 1.0
