@@ -42,6 +42,7 @@ class TrainSettings:
     learning_rate: float
     warmup_epochs: float
     weight_decay: float
+    ema_momentum: float  # 0 disables the exponential moving average of weights
     label_smoothing: float
     filters: tuple[int, int, int]
     dropout: float
@@ -181,6 +182,8 @@ def train(data: dict[str, np.ndarray], settings: TrainSettings) -> tuple[keras.M
         optimizer=keras.optimizers.AdamW(
             learning_rate=learning_rate_schedule(settings, steps_per_epoch),
             weight_decay=settings.weight_decay,
+            use_ema=settings.ema_momentum > 0,
+            ema_momentum=settings.ema_momentum or 0.99,
         ),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=settings.label_smoothing),
         metrics=["accuracy"],

@@ -62,7 +62,7 @@ _TEMP_ROOT = pytest.StashKey[Path]()
 # ---- The model -------------------------------------------------------------------------------
 
 
-def save_test_model(epochs: int = 1, train_images: int = 20_000) -> str:
+def save_test_model(epochs: int = 2, train_images: int = 20_000) -> str:
     """Train a small real CNN on MNIST and save it to the BentoML store as `digits-cnn`.
 
     A stand-in for the `package` stage: same file name, same metadata keys, a model good enough

@@ -273,20 +273,19 @@ async function postPrediction(image, signal) {
 }
 
 function isPrediction(body) {
-  return Number.isInteger(body?.digit) && Array.isArray(body.probabilities) && body.probabilities.length === 10;
+  return Number.isInteger(body?.digit)
+    && Array.isArray(body.probabilities)
+    && body.probabilities.length === 10;
 }
 
 function errorFromResponse(response, body) {
-  const detail = typeof body?.error === "string" ? body.error : null;
   const { status } = response;
-  if (response.ok) return new ServiceError("The digit service sent an answer this page does not understand.", { transient: false });
-  if (status === 429 || status === 503) {
-    return new ServiceError(`The digit service is busy${detail ? ` (${detail})` : ""}.`, { transient: true });
-  }
-  if (status >= 500 || status === 408) {
-    return new ServiceError(`The digit service failed: ${detail ?? `HTTP ${status}`}.`, { transient: true });
-  }
-  return new ServiceError(`The digit service refused the drawing: ${detail ?? `HTTP ${status}`}.`, { transient: false });
+  const detail = typeof body?.error === "string" ? body.error : `HTTP ${status}`;
+  const error = (message, transient) => new ServiceError(message, { transient });
+  if (response.ok) return error("The digit service sent an answer this page does not understand.", false);
+  if (status === 429 || status === 503) return error(`The digit service is busy (${detail}).`, true);
+  if (status >= 500 || status === 408) return error(`The digit service failed: ${detail}.`, true);
+  return error(`The digit service refused the drawing: ${detail}.`, false);
 }
 
 function startRetrying() {
@@ -308,8 +307,12 @@ async function showModelInfo() {
     const facts = [];
     const version = info.registry_version ?? info.model_version;
     if (version !== undefined && version !== null) facts.push(`model version ${version}`);
-    if (typeof info.test_accuracy === "number") facts.push(`${percent.format(info.test_accuracy)} accuracy on the MNIST test set`);
-    if (facts.length > 0) modelInfo.textContent = `A convolutional network served by BentoML: ${facts.join(", ")}.`;
+    if (typeof info.test_accuracy === "number") {
+      facts.push(`${percent.format(info.test_accuracy)} accuracy on the MNIST test set`);
+    }
+    if (facts.length > 0) {
+      modelInfo.textContent = `A convolutional network served by BentoML: ${facts.join(", ")}.`;
+    }
   } catch {
     // Without /info the footer keeps its general description.
   }
@@ -349,7 +352,8 @@ function showPrediction({ digit, probabilities, confidence = probabilities[digit
   digitView.textContent = String(digit);
   if (unsure) {
     setStatus(`Not sure: ${withArticle(digit)} or ${withArticle(runnerUp.candidate)}?`);
-    confidenceView.textContent = `${percent.format(confidence)} sure · runner-up ${runnerUp.candidate} at ${percent.format(runnerUp.probability)}`;
+    const runnerUpText = `runner-up ${runnerUp.candidate} at ${percent.format(runnerUp.probability)}`;
+    confidenceView.textContent = `${percent.format(confidence)} sure · ${runnerUpText}`;
   } else {
     setStatus(`Looks like ${withArticle(digit)}.`);
     confidenceView.textContent = `${percent.format(confidence)} sure`;
@@ -368,7 +372,9 @@ function showNoDigit() {
 function showError(error) {
   result.dataset.state = "error";
   confidenceView.textContent = "";
-  const message = error instanceof ServiceError ? error.message : `Something went wrong: ${error.message}.`;
+  const message = error instanceof ServiceError
+    ? error.message
+    : `Something went wrong: ${error.message}.`;
   const transient = !(error instanceof ServiceError) || error.transient;
   setStatus(transient ? `${message} Trying again…` : message);
   if (transient) startRetrying();
@@ -393,7 +399,8 @@ function updateBars(probabilities, top = null, runnerUp = null) {
     const probability = probabilities?.[digit] ?? 0;
     bar.dataset.probability = probability.toFixed(4);
     bar.style.setProperty("--probability", String(probability));
-    bar.querySelector(".bar-value").textContent = probability >= 0.005 ? wholePercent.format(probability) : "";
+    const label = probability >= 0.005 ? wholePercent.format(probability) : ""; // no "0%" clutter
+    bar.querySelector(".bar-value").textContent = label;
     bar.classList.toggle("is-top", digit === top);
     bar.classList.toggle("is-runner-up", digit === runnerUp);
   }

@@ -1,0 +1,292 @@
+"""Benchmark the service as deployed: a real `bentoml serve`, real HTTP, a real canvas drawing.
+
+    .venv/bin/python benchmarks/serve.py                  # about 40 s
+    .venv/bin/python benchmarks/serve.py --duration 10 --requests 1000
+
+Starts `bentoml serve service.service:Digits` on a free port of 127.0.0.1 (with the BentoML
+store of BENTOML_HOME, ~/bentoml by default, which must hold a `digits-cnn` model), measures
+the cold start until /readyz answers, then for POST /predict (a 280x280 canvas PNG of an MNIST
+test digit, ~10 kB) and for GET /livez (the cheapest route, for comparison): the latency of
+single sequential requests and the throughput of 1, 8 and 32 concurrent clients, each on its
+own keep-alive connection. Ends with the resident memory of the server's whole process tree,
+prints a table and stops the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import http.client
+import io
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_MNIST = REPO_ROOT.parent / "shared" / "mnist"
+CANVAS_SIDE = 280
+
+log = logging.getLogger("benchmark")
+
+
+@dataclass(frozen=True)
+class Result:
+    route: str
+    mode: str  # "sequential" or "<n> clients"
+    requests: int
+    errors: int
+    seconds: float
+    latencies_ms: list[float]
+
+    @property
+    def throughput(self) -> float:
+        return self.requests / self.seconds
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else float("nan")
+
+
+# ---- The request ------------------------------------------------------------------------------
+
+
+def canvas_png(mnist_dir: Path) -> bytes:
+    """A 280x280 RGBA PNG like the page's canvas: an MNIST test digit as dark strokes on a
+    transparent background. Without the MNIST files, a drawn 7."""
+    if (mnist_dir / "t10k-images-idx3-ubyte.gz").exists():
+        from pipelines.download import read_split
+
+        images, _ = read_split(mnist_dir, "t10k")
+        ink = Image.fromarray(images[0]).resize((CANVAS_SIDE, CANVAS_SIDE), Image.Resampling.BILINEAR)
+    else:
+        ink = Image.new("L", (CANVAS_SIDE, CANVAS_SIDE), 0)
+        ImageDraw.Draw(ink).line([(70, 60), (210, 60), (120, 230)], fill=255, width=22)
+    canvas = Image.new("RGBA", ink.size, (20, 20, 20, 0))
+    canvas.putalpha(ink)
+    buffer = io.BytesIO()
+    canvas.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class Route:
+    """One keep-alive connection per client thread; `call()` returns the HTTP status."""
+
+    def __init__(self, port: int, method: str, path: str, body: bytes | None = None) -> None:
+        self.port, self.method, self.path, self.body = port, method, path, body
+        self.headers = {"Content-Type": "application/json"} if body else {}
+
+    def client(self) -> Callable[[], int]:
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+
+        def call() -> int:
+            connection.request(self.method, self.path, body=self.body, headers=self.headers)
+            response = connection.getresponse()
+            response.read()
+            return response.status
+
+        return call
+
+
+# ---- Measurements -----------------------------------------------------------------------------
+
+
+def sequential(route: Route, requests: int, warmup: int = 20) -> Result:
+    call = route.client()
+    for _ in range(warmup):
+        call()
+    latencies, errors = [], 0
+    began = time.perf_counter()
+    for _ in range(requests):
+        start = time.perf_counter()
+        errors += call() != 200
+        latencies.append((time.perf_counter() - start) * 1000)
+    elapsed = time.perf_counter() - began
+    return Result(route.path, "sequential", requests, errors, elapsed, latencies)
+
+
+def concurrent(route: Route, clients: int, duration: float) -> Result:
+    """`clients` threads send requests back to back for `duration` seconds."""
+    latencies: list[list[float]] = [[] for _ in range(clients)]
+    errors = [0] * clients
+    start_line = threading.Barrier(clients + 1)
+    stop_at = [0.0]
+
+    def run(index: int) -> None:
+        call = route.client()
+        call()  # open the connection before the clock starts
+        start_line.wait()
+        while (start := time.perf_counter()) < stop_at[0]:
+            try:
+                errors[index] += call() != 200
+            except (OSError, http.client.HTTPException):
+                errors[index] += 1
+                call = route.client()
+            latencies[index].append((time.perf_counter() - start) * 1000)
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    stop_at[0] = time.perf_counter() + duration + 0.05
+    start_line.wait()
+    began = time.perf_counter()
+    for thread in threads:
+        thread.join(duration + 35)
+    merged = [value for values in latencies for value in values]
+    elapsed = time.perf_counter() - began
+    return Result(route.path, f"{clients} clients", len(merged), sum(errors), elapsed, merged)
+
+
+def tree_rss_mb(root_pid: int) -> float:
+    """Resident memory of a process and all its descendants, from /proc, in MB."""
+    children: dict[int, list[int]] = {}
+    rss_kb: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            status = (entry / "status").read_text()
+        except OSError:
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(parent, []).append(int(entry.name))
+        rss_kb[int(entry.name)] = next(
+            (int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")),
+            0,
+        )
+    total, pending = 0, [root_pid]
+    while pending:
+        pid = pending.pop()
+        total += rss_kb.get(pid, 0)
+        pending.extend(children.get(pid, []))
+    return total / 1024
+
+
+# ---- The server -------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(bentoml: Path, service: str, port: int, log_file: Path) -> subprocess.Popen:
+    env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True"}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    with open(log_file, "wb") as output:
+        return subprocess.Popen(
+            [str(bentoml), "serve", service, "--host", "127.0.0.1", "--port", str(port)],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, so stopping it stops its workers
+        )
+
+
+def wait_ready(process: subprocess.Popen, port: int, timeout: float) -> float:
+    """Seconds from now until /readyz answers 200."""
+    began = time.perf_counter()
+    while time.perf_counter() - began < timeout:
+        if process.poll() is not None:
+            raise RuntimeError(f"bentoml serve exited with code {process.returncode}")
+        try:
+            if Route(port, "GET", "/readyz").client()() == 200:
+                return time.perf_counter() - began
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"not ready within {timeout:.0f} s")
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=15)
+
+
+# ---- Main -------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bentoml", type=Path, default=REPO_ROOT / ".venv" / "bin" / "bentoml")
+    parser.add_argument("--service", default="service.service:Digits")
+    parser.add_argument("--mnist-dir", type=Path, default=SHARED_MNIST)
+    parser.add_argument("--requests", type=int, default=300, help="sequential requests per route")
+    parser.add_argument("--duration", type=float, default=4.0, help="seconds per concurrency level")
+    parser.add_argument("--clients", default="1,8,32", help="concurrency levels")
+    parser.add_argument("--start-timeout", type=float, default=120.0)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    levels = [int(level) for level in args.clients.split(",")]
+
+    png = canvas_png(args.mnist_dir)
+    body = json.dumps({"image": "data:image/png;base64," + base64.b64encode(png).decode()})
+    port = free_port()
+    log_file = Path(tempfile.mkstemp(prefix="digits-serve-", suffix=".log")[1])
+    log.info("starting bentoml serve on port %d (log: %s)", port, log_file)
+    began = time.perf_counter()
+    process = start_server(args.bentoml, args.service, port, log_file)
+    try:
+        wait_ready(process, port, args.start_timeout)
+        cold_start = time.perf_counter() - began
+        predict = Route(port, "POST", "/predict", body.encode())
+        livez = Route(port, "GET", "/livez")
+        reply = json.loads(_fetch(predict))
+        log.info("cold start %.1f s; /predict answers digit %s", cold_start, reply.get("digit"))
+        results = []
+        for route in (predict, livez):
+            results.append(sequential(route, args.requests))
+            results.extend(concurrent(route, clients, args.duration) for clients in levels)
+        rss = tree_rss_mb(process.pid)
+    finally:
+        stop_server(process)
+    report(results, cold_start, rss, len(png))
+
+
+def _fetch(route: Route) -> bytes:
+    connection = http.client.HTTPConnection("127.0.0.1", route.port, timeout=30)
+    connection.request(route.method, route.path, body=route.body, headers=route.headers)
+    return connection.getresponse().read()
+
+
+def report(results: list[Result], cold_start: float, rss_mb: float, png_bytes: int) -> None:
+    lines = [
+        "",
+        f"request: /predict with a {CANVAS_SIDE}x{CANVAS_SIDE} canvas PNG ({png_bytes} bytes)",
+        f"{'route':<10} {'mode':<12} {'requests':>8} {'errors':>6} {'req/s':>8} "
+        f"{'p50 ms':>7} {'p99 ms':>7}",
+    ]
+    for result in results:
+        lines.append(
+            f"{result.route:<10} {result.mode:<12} {result.requests:>8} {result.errors:>6} "
+            f"{result.throughput:>8.0f} {result.percentile(50):>7.2f} {result.percentile(99):>7.2f}"
+        )
+    p50 = {r.route: r.percentile(50) for r in results if r.mode == "sequential"}
+    lines += [
+        f"/predict p50 / /livez p50 (sequential): {p50['/predict'] / p50['/livez']:.2f}x",
+        f"cold start to ready: {cold_start:.1f} s",
+        f"resident memory (server process tree): {rss_mb:.0f} MB",
+    ]
+    log.info("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
