@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
+import functools
 import http.client
 import io
 import json
@@ -49,10 +51,16 @@ class Result:
     errors: int
     seconds: float
     latencies_ms: list[float]
+    server_cpu_seconds: float = 0.0  # CPU time the server's processes used meanwhile
 
     @property
     def throughput(self) -> float:
         return self.requests / self.seconds
+
+    @property
+    def server_cpu_ms(self) -> float:
+        """Server CPU time per request: the cost that limits throughput when cores are busy."""
+        return self.server_cpu_seconds * 1000 / max(self.requests, 1)
 
     def percentile(self, q: float) -> float:
         return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else float("nan")
@@ -68,7 +76,7 @@ def canvas_png(mnist_dir: Path) -> bytes:
         from pipelines.download import read_split
 
         images, _ = read_split(mnist_dir, "t10k")
-        ink = Image.fromarray(images[0]).resize((CANVAS_SIDE, CANVAS_SIDE), Image.Resampling.BILINEAR)
+        ink = Image.fromarray(images[0]).resize((CANVAS_SIDE,) * 2, Image.Resampling.BILINEAR)
     else:
         ink = Image.new("L", (CANVAS_SIDE, CANVAS_SIDE), 0)
         ImageDraw.Draw(ink).line([(70, 60), (210, 60), (120, 230)], fill=255, width=22)
@@ -147,30 +155,50 @@ def concurrent(route: Route, clients: int, duration: float) -> Result:
     return Result(route.path, f"{clients} clients", len(merged), sum(errors), elapsed, merged)
 
 
-def tree_rss_mb(root_pid: int) -> float:
-    """Resident memory of a process and all its descendants, from /proc, in MB."""
+def process_tree(root_pid: int) -> list[Path]:
+    """/proc entries of a process and all its descendants."""
     children: dict[int, list[int]] = {}
-    rss_kb: dict[int, int] = {}
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parent = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(parent, []).append(int(entry.name))
+    found, pending = [], [root_pid]
+    while pending:
+        pid = pending.pop()
+        found.append(Path(f"/proc/{pid}"))
+        pending.extend(children.get(pid, []))
+    return found
+
+
+def tree_rss_mb(root_pid: int) -> float:
+    """Resident memory of a process and all its descendants (VmRSS summed), in MB."""
+    total_kb = 0
+    for entry in process_tree(root_pid):
         try:
-            stat = (entry / "stat").read_text()
             status = (entry / "status").read_text()
         except OSError:
             continue
-        parent = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(parent, []).append(int(entry.name))
-        rss_kb[int(entry.name)] = next(
+        total_kb += next(
             (int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")),
             0,
         )
-    total, pending = 0, [root_pid]
-    while pending:
-        pid = pending.pop()
-        total += rss_kb.get(pid, 0)
-        pending.extend(children.get(pid, []))
-    return total / 1024
+    return total_kb / 1024
+
+
+def tree_cpu_seconds(root_pid: int) -> float:
+    """User + system CPU time used so far by a process and its descendants."""
+    ticks = 0
+    for entry in process_tree(root_pid):
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 # ---- The server -------------------------------------------------------------------------------
@@ -253,8 +281,14 @@ def main() -> None:
         log.info("cold start %.1f s; /predict answers digit %s", cold_start, reply.get("digit"))
         results = []
         for route in (predict, livez):
-            results.append(sequential(route, args.requests))
-            results.extend(concurrent(route, clients, args.duration) for clients in levels)
+            phases = [functools.partial(sequential, route, args.requests)] + [
+                functools.partial(concurrent, route, clients, args.duration) for clients in levels
+            ]
+            for phase in phases:
+                cpu_before = tree_cpu_seconds(process.pid)
+                result = phase()
+                cpu = tree_cpu_seconds(process.pid) - cpu_before
+                results.append(dataclasses.replace(result, server_cpu_seconds=cpu))
         rss = tree_rss_mb(process.pid)
     finally:
         stop_server(process)
@@ -272,12 +306,13 @@ def report(results: list[Result], cold_start: float, rss_mb: float, png_bytes: i
         "",
         f"request: /predict with a {CANVAS_SIDE}x{CANVAS_SIDE} canvas PNG ({png_bytes} bytes)",
         f"{'route':<10} {'mode':<12} {'requests':>8} {'errors':>6} {'req/s':>8} "
-        f"{'p50 ms':>7} {'p99 ms':>7}",
+        f"{'p50 ms':>7} {'p99 ms':>7} {'server CPU ms/req':>17}",
     ]
     for result in results:
         lines.append(
             f"{result.route:<10} {result.mode:<12} {result.requests:>8} {result.errors:>6} "
-            f"{result.throughput:>8.0f} {result.percentile(50):>7.2f} {result.percentile(99):>7.2f}"
+            f"{result.throughput:>8.0f} {result.percentile(50):>7.2f} "
+            f"{result.percentile(99):>7.2f} {result.server_cpu_ms:>17.2f}"
         )
     p50 = {r.route: r.percentile(50) for r in results if r.mode == "sequential"}
     lines += [

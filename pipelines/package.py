@@ -23,6 +23,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
+import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -124,6 +126,15 @@ def bento_tag(version: ModelVersion) -> str:
     return f"{BENTO_MODEL}:v{version.version}-{version.run_id[:8]}"
 
 
+def download_model_file(version: ModelVersion, folder: Path) -> Path:
+    """The registry version's `.keras` file, fetched from wherever the artifact store is."""
+    source = MlflowClient().get_model_version_download_uri(
+        tracking.REGISTERED_MODEL, version.version
+    )
+    uri = f"{source.rstrip('/')}/{tracking.KERAS_FILE_IN_ARTIFACT}"
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(folder)))
+
+
 def import_to_bentoml(version: ModelVersion, run: Run) -> str:
     """Put the registry version into the BentoML store as the latest `digits-cnn`; idempotent."""
     tag = bento_tag(version)
@@ -136,7 +147,6 @@ def import_to_bentoml(version: ModelVersion, run: Run) -> str:
             log.info("BentoML store already serves %s", tag)
             return tag
         bentoml.models.delete(tag)  # re-created below so that it becomes `latest` again
-    model = mlflow.keras.load_model(f"models:/{tracking.REGISTERED_MODEL}/{version.version}")
     metrics, tags = run.data.metrics, run.data.tags
     metadata = {
         "mlflow_run_id": run.info.run_id,
@@ -149,9 +159,13 @@ def import_to_bentoml(version: ModelVersion, run: Run) -> str:
         "preprocessing_version": tags.get("preprocessing_version"),
         "trained_at": datetime.fromtimestamp(run.info.start_time / 1000, UTC).isoformat(),
     }
+    metadata = {key: value for key, value in metadata.items() if value is not None}
     labels = {"registry_version": str(version.version), "stage": CHAMPION}
-    with bentoml.models.create(tag, labels=labels, metadata=metadata) as ref:
-        model.save(ref.path_of(BENTO_MODEL_FILE))
+    with (
+        tempfile.TemporaryDirectory() as folder,
+        bentoml.models.create(tag, labels=labels, metadata=metadata) as ref,
+    ):
+        shutil.copyfile(download_model_file(version, Path(folder)), ref.path_of(BENTO_MODEL_FILE))
     log.info("imported registry version %s into the BentoML store as %s", version.version, tag)
     return tag
 

@@ -26,6 +26,7 @@ EXPERIMENT = "digits"
 REGISTERED_MODEL = "digits-cnn"
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 MODEL_ARTIFACT = "model"
+KERAS_FILE_IN_ARTIFACT = "data/model.keras"  # where the mlflow.keras flavor keeps the file
 
 
 def load_params(path: Path) -> dict[str, Any]:

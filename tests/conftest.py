@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -111,12 +111,13 @@ def save_test_model(epochs: int = 2, train_images: int = 20_000) -> str:
 @pytest.fixture(scope="session")
 def bentoml_home() -> Path:
     """The session's BENTOML_HOME, holding one trained `digits-cnn` model."""
-    home = Path(os.environ["BENTOML_HOME"])
     import bentoml
 
-    if not bentoml.models.list("digits-cnn"):
+    try:
+        bentoml.models.get("digits-cnn:latest")
+    except bentoml.exceptions.NotFound:
         save_test_model()
-    return home
+    return Path(os.environ["BENTOML_HOME"])
 
 
 # ---- A real server ---------------------------------------------------------------------------
@@ -222,3 +223,9 @@ def render_canvas(digit: np.ndarray, transparent: bool = True) -> bytes:
 
 def data_url(data: bytes, mime: str = "image/png") -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+@pytest.fixture(scope="session")
+def canvas_png() -> Callable[..., bytes]:
+    """`canvas_png(digit, transparent=True)`: an MNIST digit drawn as the page's canvas PNG."""
+    return render_canvas

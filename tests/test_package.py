@@ -1,0 +1,138 @@
+"""The package stage on a real MLflow store and a real BentoML store: who becomes champion, and
+what reaches BentoML. The stage runs as a user runs it, `python -m pipelines.package`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import mlflow
+import numpy as np
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from pipelines import tracking
+from pipelines.download import file_md5
+from pipelines.preprocessing import INPUT_SHAPE
+from tests.helpers import REPO
+
+pytestmark = pytest.mark.slow
+
+
+class Store:
+    """A throw-away MLflow store, BentoML store and data file, plus ways to fill and query them."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.data = root / "mnist.npz"
+        self.data.write_bytes(b"stand-in for the prepared data")
+        self.params = root / "params.yaml"
+        params = yaml.safe_load((REPO / "params.yaml").read_text())
+        params["package"] = {"min_test_accuracy": 0.9, "tolerance": 0.001}
+        self.params.write_text(yaml.safe_dump(params))
+        self.env = {
+            **os.environ,
+            "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+            "BENTOML_HOME": str(root / "bentoml"),
+        }
+        mlflow.set_tracking_uri(self.env["MLFLOW_TRACKING_URI"])
+        mlflow.set_experiment(tracking.EXPERIMENT)
+        self.client = MlflowClient()
+
+    def log_run(self, val: float, test: float, data_hash: str | None = None) -> str:
+        """A finished, evaluated run holding a small real Keras model."""
+        model = keras.Sequential(
+            [keras.Input(INPUT_SHAPE), keras.layers.Flatten(), keras.layers.Dense(10, "softmax")]
+        )
+        with mlflow.start_run() as run:
+            mlflow.set_tags(tracking.lineage_tags(data_hash or file_md5(self.data)))
+            mlflow.log_metrics({"val_accuracy": val, "test_accuracy": test})
+            tracking.log_keras_model(model, np.zeros((1, 28, 28), dtype=np.uint8))
+        return run.info.run_id
+
+    def package(self, *extra: str) -> subprocess.CompletedProcess:
+        report = self.root / "package.json"
+        command = [sys.executable, "-m", "pipelines.package", "--params", str(self.params)]
+        command += ["--data", str(self.data), "--report", str(report), *extra]
+        return subprocess.run(
+            command, cwd=self.root, env=self.env, capture_output=True, text=True, timeout=300
+        )
+
+    def report(self) -> dict:
+        return json.loads((self.root / "package.json").read_text())
+
+    def champion_run(self) -> str:
+        return self.client.get_model_version_by_alias("digits-cnn", "champion").run_id
+
+    def bentoml(self, *arguments: str) -> str:
+        """What the `bentoml` command prints for this store."""
+        return subprocess.run(
+            [str(Path(sys.executable).parent / "bentoml"), *arguments],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+
+    def bento_models(self) -> list[dict]:
+        return json.loads(self.bentoml("models", "list", "-o", "json"))
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch) -> Store:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    return Store(tmp_path)
+
+
+def test_best_validation_run_becomes_champion_once_and_reaches_bentoml(store):
+    store.log_run(val=0.990, test=0.995)
+    best = store.log_run(val=0.993, test=0.994)
+    for _ in range(2):  # the second run must change nothing
+        result = store.package()
+        assert result.returncode == 0, result.stderr
+    assert store.champion_run() == best
+    assert len(store.client.search_model_versions("name = 'digits-cnn'")) == 1
+    report = store.report()
+    assert report["run_id"] == best
+    [model] = store.bento_models()
+    assert model["tag"] == report["bentoml_tag"]
+    assert best in store.bentoml("models", "get", "digits-cnn:latest")
+
+
+def test_gate_moves_champion_only_for_a_model_that_is_not_worse_and_rollback_undoes_it(store):
+    first = store.log_run(val=0.990, test=0.995)
+    assert store.package().returncode == 0
+    store.log_run(val=0.999, test=0.980)  # best on validation, clearly worse on test
+    assert store.package().returncode == 0
+    assert store.champion_run() == first
+    assert "not promoted" in store.report()["decision"]
+
+    better = store.log_run(val=0.9995, test=0.996)
+    assert store.package().returncode == 0
+    assert store.champion_run() == better
+    assert better in store.bentoml("models", "get", "digits-cnn:latest")
+
+    result = store.package("--version", "1")
+    assert result.returncode == 0, result.stderr
+    assert store.champion_run() == first
+    assert first in store.bentoml("models", "get", "digits-cnn:latest")
+
+
+def test_run_on_other_data_is_never_picked(store):
+    current = store.log_run(val=0.990, test=0.990)
+    store.log_run(val=0.999, test=0.999, data_hash="0" * 32)
+    assert store.package().returncode == 0
+    assert store.champion_run() == current
+
+
+def test_below_the_floor_there_is_no_champion_and_a_clear_error(store):
+    store.log_run(val=0.5, test=0.5)
+    result = store.package()
+    assert result.returncode != 0
+    assert "below the floor" in result.stderr.strip().splitlines()[-1]

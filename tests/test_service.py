@@ -1,0 +1,503 @@
+"""In-process HTTP tests of the service (`Digits.to_asgi()` with a real model, no server).
+
+    .venv/bin/python -m pytest tests/test_service.py -q
+
+They hold the API contract in place (the answer's shape, the Flask-compatible request and the
+`digit` key), the refusal of every kind of bad input with a 4xx JSON `{"error", "reason"}` and
+never a 500 or a stack trace, the page at `/` without path traversal, and the metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import shutil
+import struct
+import time
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import bentoml
+import numpy as np
+import pytest
+from PIL import Image
+from starlette.testclient import TestClient
+
+from pipelines.preprocessing import PREPROCESSING_VERSION
+from service.batcher import MicroBatcher
+from service.service import SETTINGS, Digits
+from service.settings import Settings
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DIGITS_TO_READ = 30  # rendered MNIST test digits; the small test model reads ~97% of them
+
+
+@pytest.fixture(scope="module")
+def client(bentoml_home) -> Iterator[TestClient]:
+    with TestClient(Digits.to_asgi(), raise_server_exceptions=False) as test_client:
+        yield test_client
+
+
+@pytest.fixture(scope="module")
+def digit(mnist_test, canvas_png) -> tuple[str, int]:
+    """The first MNIST test digit (a 7) as a canvas data URL, and its label."""
+    images, labels = mnist_test
+    return data_url(canvas_png(images[0])), int(labels[0])
+
+
+def predict(client: TestClient, image: str):
+    return client.post("/predict", json={"image": image})
+
+
+def assert_refusal(response, status: int, reason: str) -> None:
+    """A JSON refusal with exactly `error` and `reason`, and nothing from the server's insides."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert set(body) == {"error", "reason"}, body
+    assert body["reason"] == reason, body
+    assert body["error"]
+    for leak in ("Traceback", 'File "', str(REPO_ROOT), "site-packages"):
+        assert leak not in response.text
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels, with almost no pixel data."""
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        crc = zlib.crc32(kind + payload)
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grayscale
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + chunk(b"IEND", b"")
+    )
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def data_url(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64,{b64(data)}"
+
+
+# ---- The answer ------------------------------------------------------------------------------
+
+
+def test_predict_reads_rendered_mnist_digits(client, mnist_test, canvas_png):
+    images, labels = mnist_test
+    read = [
+        predict(client, data_url(canvas_png(images[i]))).json()["digit"]
+        for i in range(DIGITS_TO_READ)
+    ]
+    correct = int(np.sum(np.array(read) == labels[:DIGITS_TO_READ]))
+    assert correct >= DIGITS_TO_READ - 3, f"read {read}, expected {labels[:DIGITS_TO_READ]}"
+
+
+def test_predict_answer_has_the_documented_shape(client, digit):
+    image, label = digit
+    response = predict(client, image)
+    assert response.status_code == 200
+    body = response.json()
+    assert set(body) == {"digit", "confidence", "probabilities", "top3", "model_version"}
+    assert body["digit"] == label
+    probabilities = body["probabilities"]
+    assert len(probabilities) == 10
+    assert sum(probabilities) == pytest.approx(1.0, abs=1e-4)
+    assert body["confidence"] == max(probabilities)
+    assert body["digit"] == int(np.argmax(probabilities))
+    top3 = body["top3"]
+    assert [entry["digit"] for entry in top3][0] == body["digit"]
+    assert [entry["probability"] for entry in top3] == sorted(probabilities, reverse=True)[:3]
+    assert body["model_version"].startswith("digits-cnn:")
+    assert body["model_version"] != "digits-cnn:latest"
+
+
+def test_predict_accepts_bare_base64(client, digit):
+    image, label = digit
+    response = predict(client, image.split(",", 1)[1])
+    assert response.status_code == 200
+    assert response.json()["digit"] == label
+
+
+def test_predict_ignores_line_breaks_in_base64(client, digit):
+    image, label = digit
+    header, payload = image.split(",", 1)
+    wrapped = "\n".join(payload[i : i + 76] for i in range(0, len(payload), 76))
+    assert predict(client, f"{header},{wrapped}").json()["digit"] == label
+
+
+def test_predict_reads_dark_strokes_on_transparent_and_on_white(client, mnist_test, canvas_png):
+    images, labels = mnist_test
+    for transparent in (True, False):
+        canvas = canvas_png(images[1], transparent=transparent)
+        assert Image.open(io.BytesIO(canvas)).mode == ("RGBA" if transparent else "L")
+        assert predict(client, data_url(canvas)).json()["digit"] == labels[1]
+
+
+def test_predict_reads_jpeg(client, mnist_test, canvas_png):
+    images, labels = mnist_test
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(canvas_png(images[2], transparent=False))).save(buffer, "JPEG")
+    response = predict(client, data_url(buffer.getvalue(), "image/jpeg"))
+    assert response.json()["digit"] == labels[2]
+
+
+@pytest.mark.parametrize(
+    "canvas",
+    [
+        Image.new("RGB", (280, 280), "white"),
+        Image.new("RGB", (280, 280), "black"),
+        Image.new("RGBA", (280, 280), (0, 0, 0, 0)),  # an untouched canvas
+    ],
+    ids=["white", "black", "transparent"],
+)
+def test_blank_canvas_is_no_digit(client, canvas):
+    response = predict(client, data_url(png(canvas)))
+    assert_refusal(response, 422, "no_digit")
+    assert response.json()["error"] == "no digit found in the image"
+
+
+def test_animated_gif_is_read_from_its_first_frame(client, mnist_test):
+    images, labels = mnist_test
+    first = Image.fromarray(255 - images[3]).resize((140, 140))
+    second = Image.fromarray(255 - images[4]).resize((140, 140))
+    assert labels[3] != labels[4]
+    buffer = io.BytesIO()
+    first.save(buffer, "GIF", save_all=True, append_images=[second], duration=100, loop=0)
+    response = predict(client, data_url(buffer.getvalue(), "image/gif"))
+    assert response.status_code == 200
+    assert response.json()["digit"] == labels[3]
+
+
+def test_predict_batch_mixes_answers_and_refusals(client, mnist_test, canvas_png):
+    images, labels = mnist_test
+    blank = data_url(png(Image.new("RGB", (100, 100), "white")))
+    batch = [
+        data_url(canvas_png(images[0])),
+        "not base64!",
+        blank,
+        b64(canvas_png(images[1])),
+    ]
+    response = client.post("/predict_batch", json={"images": batch})
+    assert response.status_code == 200
+    answers = response.json()["predictions"]
+    assert len(answers) == 4
+    assert answers[0]["digit"] == labels[0]
+    assert answers[1] == {"error": "the image is not valid base64", "reason": "invalid_base64"}
+    assert answers[2]["reason"] == "no_digit"
+    assert answers[3]["digit"] == labels[1]
+    single = predict(client, batch[0]).json()
+    assert answers[0]["probabilities"] == pytest.approx(single["probabilities"], abs=1e-5)
+
+
+@pytest.mark.parametrize("count", [0, SETTINGS.max_batch_images + 1])
+def test_predict_batch_refuses_empty_and_oversized_batches(client, count):
+    response = client.post("/predict_batch", json={"images": ["x"] * count})
+    assert_refusal(response, 400, "invalid_batch_size")
+
+
+def test_info_describes_the_model(client):
+    response = client.get("/info")
+    assert response.status_code == 200
+    info = response.json()
+    assert info["model_tag"].startswith("digits-cnn:")
+    assert info["preprocessing_version"] == PREPROCESSING_VERSION
+    assert isinstance(info["registry_version"], int)
+    for key in ("mlflow_run_id", "val_accuracy", "test_accuracy", "trained_at"):
+        assert info[key] is not None
+
+
+# ---- Bad requests ----------------------------------------------------------------------------
+
+JSON = {"content-type": "application/json"}
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "status", "reason"),
+    [
+        (b"{not json", JSON, 400, "invalid_json"),
+        (b"\xff\xfe", JSON, 400, "invalid_json"),
+        (b"", JSON, 400, "missing_field"),
+        (b'["data:image/png;base64,AAAA"]', JSON, 400, "invalid_request"),
+        (b'"just a string"', JSON, 400, "invalid_request"),
+        (b"{}", JSON, 400, "missing_field"),
+        (b'{"img": "AAAA"}', JSON, 400, "missing_field"),
+        (b'{"image": "AAAA", "extra": 1}', JSON, 400, "unexpected_field"),
+        (b'{"image": 42}', JSON, 400, "invalid_field"),
+        (b'{"image": null}', JSON, 400, "invalid_field"),
+        (b'{"image": ["AAAA"]}', JSON, 400, "invalid_field"),
+        (b'{"image": "AAAA"}', {"content-type": "text/plain"}, 415, "unsupported_media_type"),
+        (
+            b"image=AAAA",
+            {"content-type": "application/x-www-form-urlencoded"},
+            415,
+            "unsupported_media_type",
+        ),
+        (b'{"image": "AAAA"}', {}, 415, "unsupported_media_type"),
+    ],
+    ids=[
+        "invalid-json",
+        "invalid-utf8",
+        "empty-body",
+        "json-array",
+        "json-string",
+        "empty-object",
+        "misnamed-field",
+        "extra-field",
+        "number",
+        "null",
+        "list",
+        "text-plain",
+        "form",
+        "no-content-type",
+    ],
+)
+def test_malformed_requests_are_refused(client, body, headers, status, reason):
+    assert_refusal(client.post("/predict", content=body, headers=headers), status, reason)
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "status", "reason"),
+    [
+        (b"{not json", JSON, 400, "invalid_json"),
+        (b'{"image": "AAAA"}', JSON, 400, "missing_field"),
+        (b'{"images": ["AAAA"], "extra": 1}', JSON, 400, "unexpected_field"),
+        (b'{"images": "AAAA"}', JSON, 400, "invalid_field"),
+        (b'{"images": [1, 2]}', JSON, 400, "invalid_field"),
+        (b'{"images": ["AAAA"]}', {"content-type": "text/plain"}, 415, "unsupported_media_type"),
+    ],
+    ids=["invalid-json", "single-image-field", "extra-field", "string", "numbers", "text-plain"],
+)
+def test_malformed_batch_requests_are_refused(client, body, headers, status, reason):
+    assert_refusal(client.post("/predict_batch", content=body, headers=headers), status, reason)
+
+
+@pytest.mark.parametrize(
+    ("image", "status", "reason"),
+    [
+        ("", 400, "empty_image"),
+        ("data:image/png;base64,", 400, "empty_image"),
+        ("!!!not base64???", 400, "invalid_base64"),
+        ("data:image/png;base64,AAA", 400, "invalid_base64"),  # bad padding
+        ("data:image/png;base64,ÄÖÜ", 400, "invalid_base64"),
+        ("data:image/png;base64", 400, "invalid_data_url"),
+        ("data:image/png," + "%89PNG", 400, "invalid_data_url"),
+        ("data:text/plain;base64," + b64(b"hello"), 415, "unsupported_media_type"),
+        ("data:;base64," + b64(b"hello"), 415, "unsupported_media_type"),
+        ("data:application/pdf;base64," + b64(b"%PDF-1.4"), 415, "unsupported_media_type"),
+        (b64(b"hello, this is text"), 422, "not_an_image"),
+        (
+            "data:image/svg+xml;base64,"
+            + b64(b'<svg xmlns="http://www.w3.org/2000/svg"><text>7</text></svg>'),
+            422,
+            "not_an_image",
+        ),
+    ],
+    ids=[
+        "empty",
+        "empty-data-url",
+        "not-base64",
+        "bad-padding",
+        "non-ascii",
+        "no-comma",
+        "not-base64-data-url",
+        "text-mime",
+        "no-mime",
+        "pdf-mime",
+        "text-bytes",
+        "svg",
+    ],
+)
+def test_bad_images_are_refused(client, image, status, reason):
+    assert_refusal(predict(client, image), status, reason)
+
+
+def test_tiff_is_an_unsupported_format(client):
+    buffer = io.BytesIO()
+    Image.new("L", (28, 28)).save(buffer, "TIFF")
+    assert_refusal(predict(client, b64(buffer.getvalue())), 422, "unsupported_format")
+
+
+def test_truncated_png_is_refused(client, mnist_test, canvas_png):
+    canvas = canvas_png(mnist_test[0][0])
+    assert_refusal(predict(client, data_url(canvas[: len(canvas) // 2])), 422, "corrupt_image")
+
+
+def test_image_above_the_pixel_limit_is_refused_before_decoding(client):
+    side = int(SETTINGS.max_image_pixels**0.5) + 1
+    small_file = png(Image.new("1", (side, side)))
+    assert len(small_file) < 20_000
+    assert_refusal(predict(client, data_url(small_file)), 413, "too_large")
+
+
+def test_decompression_bomb_is_refused(client):
+    assert_refusal(predict(client, data_url(png_header(100_000, 100_000))), 413, "too_large")
+
+
+def test_oversized_body_is_refused_from_its_content_length(client):
+    body = json.dumps({"image": "A" * (SETTINGS.max_body_bytes + 1)}).encode()
+    assert_refusal(client.post("/predict", content=body, headers=JSON), 413, "body_too_large")
+
+
+def test_oversized_streamed_body_is_refused_without_a_content_length(client):
+    def chunks() -> Iterator[bytes]:
+        yield b'{"image": "'
+        for _ in range(SETTINGS.max_body_bytes // 65536 + 2):
+            yield b"A" * 65536
+        yield b'"}'
+
+    response = client.post("/predict", content=chunks(), headers=JSON)
+    assert_refusal(response, 413, "body_too_large")
+
+
+def test_api_routes_answer_only_post(client):
+    for method in ("GET", "PUT", "DELETE"):
+        response = client.request(method, "/predict")
+        assert_refusal(response, 405, "method_not_allowed")
+        assert response.headers["allow"] == "POST"
+
+
+def test_unexpected_failure_is_a_bare_500(client, digit, monkeypatch):
+    def broken(images):
+        raise RuntimeError("/secret/path exploded")
+
+    instance = bentoml.get_current_service()
+    monkeypatch.setattr(instance.batcher, "_infer", broken)
+    response = predict(client, digit[0])
+    assert_refusal(response, 500, "internal_error")
+    assert "secret" not in response.text
+    monkeypatch.undo()
+    assert predict(client, digit[0]).status_code == 200  # the service keeps serving
+
+
+# ---- The page --------------------------------------------------------------------------------
+
+
+def test_page_is_served_at_the_root(client):
+    response = client.get("/")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/html")
+    assert response.text == (REPO_ROOT / "web" / "index.html").read_text()
+    for name in ("app.js", "style.css", "favicon.svg"):
+        assert client.get(f"/{name}").status_code == 200
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/../pyproject.toml",
+        "/%2e%2e/pyproject.toml",
+        "/%2E%2E/%2E%2E/etc/passwd",
+        "/%252e%252e/pyproject.toml",
+        "/..%2fpyproject.toml",
+        "/..%5cpyproject.toml",
+        "/web/../pyproject.toml",
+        "/service/service.py",
+        "/missing.html",
+    ],
+)
+def test_only_files_inside_web_are_served(client, path):
+    response = client.get(path)
+    assert response.status_code == 404
+    assert "[project]" not in response.text
+    assert "root:" not in response.text
+
+
+# ---- Metrics ---------------------------------------------------------------------------------
+
+
+def test_metrics_count_predictions_confidence_and_refusals(client, digit):
+    predict(client, digit[0])
+    predict(client, "!!!")
+    text = client.get("/metrics").text
+    assert f'digits_predictions_total{{digit="{digit[1]}"}}' in text
+    assert "digits_prediction_confidence_bucket" in text
+    assert 'digits_rejected_inputs_total{reason="invalid_base64"}' in text
+    assert "digits_model_batch_size_bucket" in text
+
+
+# ---- Start-up --------------------------------------------------------------------------------
+
+
+def test_service_refuses_a_model_from_other_preprocessing(bentoml_home, monkeypatch):
+    current = bentoml.models.get("digits-cnn:latest")
+    metadata = {**current.info.metadata, "preprocessing_version": "an-older-version"}
+    with bentoml.models.create(name="digits-cnn-stale", metadata=metadata) as ref:
+        shutil.copy(current.path_of("model.keras"), ref.path_of("model.keras"))
+    monkeypatch.setattr(Digits.inner, "model_ref", bentoml.models.BentoModel(ref.tag))
+    with pytest.raises(RuntimeError, match="an-older-version"):
+        Digits.inner()
+
+
+def test_service_says_which_model_is_missing(bentoml_home, monkeypatch):
+    missing = bentoml.models.BentoModel("digits-cnn-missing:latest")
+    monkeypatch.setattr(Digits.inner, "model_ref", missing)
+    with pytest.raises(RuntimeError, match="digits-cnn-missing:latest"):
+        Digits.inner()
+
+
+def test_settings_come_from_the_environment():
+    settings = Settings.from_env({"DIGITS_MAX_BODY_BYTES": "1000", "DIGITS_BATCH_WAIT_MS": "1.5"})
+    assert settings.max_body_bytes == 1000
+    assert settings.batch_wait_ms == 1.5
+    assert Settings.from_env({"DIGITS_WARMUP_BATCH_SIZES": "1,8"}).warmup_batch_sizes == (1, 8)
+    with pytest.raises(ValueError, match="DIGITS_MAX_BODY_BYTES"):
+        Settings.from_env({"DIGITS_MAX_BODY_BYTES": "lots"})
+    with pytest.raises(ValueError):
+        Settings.from_env({"DIGITS_MAX_CONCURRENCY": "0"})
+
+
+# ---- The micro-batcher -----------------------------------------------------------------------
+
+
+def test_batcher_groups_requests_that_arrive_while_the_model_is_busy():
+    calls: list[int] = []
+
+    def infer(images: np.ndarray) -> np.ndarray:
+        calls.append(len(images))
+        if len(calls) == 1:
+            time.sleep(0.05)  # the first call is slow; the others queue up behind it
+        return np.repeat(images.reshape(len(images), -1)[:, :1], 10, axis=1)
+
+    async def scenario() -> list[np.ndarray]:
+        batcher = MicroBatcher(infer, max_batch=8)
+        first = asyncio.create_task(batcher.predict(np.full((1, 28, 28), 0.0, np.float32)))
+        await asyncio.sleep(0.01)
+        rest = [batcher.predict(np.full((1, 28, 28), value, np.float32)) for value in range(1, 11)]
+        results = await asyncio.gather(first, *rest)
+        await batcher.close()
+        return results
+
+    results = asyncio.run(scenario())
+    assert [float(result[0, 0]) for result in results] == list(range(11))
+    assert calls == [1, 8, 2]  # the ten waiting requests went in two calls of at most 8
+
+
+def test_batcher_fails_only_the_requests_of_a_failed_call():
+    def infer(images: np.ndarray) -> np.ndarray:
+        if images[0, 0, 0] < 0:
+            raise ValueError("bad batch")
+        return np.zeros((len(images), 10), np.float32)
+
+    async def scenario() -> None:
+        batcher = MicroBatcher(infer)
+        with pytest.raises(ValueError):
+            await batcher.predict(np.full((1, 28, 28), -1.0, np.float32))
+        assert (await batcher.predict(np.zeros((2, 28, 28), np.float32))).shape == (2, 10)
+        await batcher.close()
+
+    asyncio.run(scenario())

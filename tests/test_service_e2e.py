@@ -1,0 +1,202 @@
+"""End-to-end tests against a real `bentoml serve` of the service (the `live_service` fixture).
+
+    .venv/bin/python -m pytest -m slow tests/test_service_e2e.py -q
+
+Raw sockets and http.client send exactly the bytes under test (no client-side URL clean-up,
+chunked bodies, bodies that stop half-way).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import http.client
+import io
+import json
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.slow
+
+MAX_BODY_BYTES = 2 * 1024 * 1024
+MAX_CONCURRENCY = 64
+
+
+def data_url(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+@pytest.fixture(scope="module")
+def canvas(mnist_test, canvas_png) -> tuple[str, int]:
+    images, labels = mnist_test
+    return data_url(canvas_png(images[0])), int(labels[0])
+
+
+def address(base_url: str) -> tuple[str, int]:
+    parts = urlsplit(base_url)
+    return parts.hostname, parts.port
+
+
+def raw_request(base_url: str, request: bytes, timeout: float = 10.0) -> tuple[int, bytes]:
+    """Send bytes as they are; return the status and body of the answer."""
+    with socket.create_connection(address(base_url), timeout=timeout) as sock:
+        sock.sendall(request)
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        return response.status, response.read()
+
+
+def test_predict_over_http(live_service, canvas):
+    image, label = canvas
+    response = httpx.post(f"{live_service}/predict", json={"image": image}, timeout=10)
+    assert response.status_code == 200
+    body = response.json()
+    assert body["digit"] == label
+    assert len(body["probabilities"]) == 10
+    assert body["model_version"].startswith("digits-cnn:")
+
+
+def test_health_routes(live_service):
+    for route in ("/livez", "/readyz"):
+        assert httpx.get(f"{live_service}{route}", timeout=5).status_code == 200
+    info = httpx.get(f"{live_service}/info", timeout=5).json()
+    assert info["model_tag"].startswith("digits-cnn:")
+    assert httpx.get(f"{live_service}/", timeout=5).headers["content-type"].startswith("text/html")
+
+
+@pytest.mark.parametrize(
+    ("content", "content_type", "status", "reason"),
+    [
+        (b"{not json", "application/json", 400, "invalid_json"),
+        (b'{"image": "AAAA"}', "text/plain", 415, "unsupported_media_type"),
+        (b'{"image": "!!"}', "application/json", 400, "invalid_base64"),
+        (b'{"image": "AAAA", "more": 1}', "application/json", 400, "unexpected_field"),
+        (b'{"image": "aGVsbG8="}', "application/json", 422, "not_an_image"),
+    ],
+)
+def test_bad_requests_get_json_refusals(live_service, content, content_type, status, reason):
+    response = httpx.post(
+        f"{live_service}/predict",
+        content=content,
+        headers={"content-type": content_type},
+        timeout=10,
+    )
+    assert response.status_code == status
+    assert response.json() == {"error": response.json()["error"], "reason": reason}
+
+
+def test_blank_canvas_is_no_digit(live_service):
+    buffer = io.BytesIO()
+    Image.new("RGBA", (280, 280), (0, 0, 0, 0)).save(buffer, "PNG")  # an untouched canvas
+    response = httpx.post(
+        f"{live_service}/predict", json={"image": data_url(buffer.getvalue())}, timeout=10
+    )
+    assert response.status_code == 422
+    assert response.json() == {"error": "no digit found in the image", "reason": "no_digit"}
+
+
+def test_declared_oversized_body_is_refused_unread(live_service):
+    head = (
+        "POST /predict HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {MAX_BODY_BYTES * 50}\r\n\r\n"
+    ).encode()
+    status, body = raw_request(live_service, head + b'{"image": "')  # the rest never comes
+    assert status == 413
+    assert json.loads(body)["reason"] == "body_too_large"
+
+
+def test_streamed_oversized_body_is_refused(live_service):
+    chunk = b"A" * 65536
+    with socket.create_connection(address(live_service), timeout=10) as sock:
+        sock.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
+        with contextlib.suppress(OSError):  # the server may answer and close mid-upload
+            for _ in range(MAX_BODY_BYTES // len(chunk) + 4):
+                sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        assert response.status == 413
+        assert json.loads(response.read())["reason"] == "body_too_large"
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/../pyproject.toml", "/%2e%2e/pyproject.toml", "/..%2fpyproject.toml", "/%252e%252e/x"],
+)
+def test_path_traversal_finds_nothing(live_service, path):
+    status, body = raw_request(live_service, f"GET {path} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+    assert status == 404
+    assert b"[project]" not in body
+
+
+def test_concurrent_requests_share_model_calls(live_service, canvas):
+    image, label = canvas
+    with httpx.Client(timeout=30) as client:
+
+        def predict(_: int) -> int:
+            response = client.post(f"{live_service}/predict", json={"image": image})
+            return response.json()["digit"] if response.status_code == 200 else -1
+
+        with ThreadPoolExecutor(16) as pool:
+            digits = list(pool.map(predict, range(96)))
+    assert digits == [label] * 96
+    metrics = httpx.get(f"{live_service}/metrics", timeout=5).text
+    samples = dict(
+        line.rsplit(" ", 1) for line in metrics.splitlines() if line.startswith("digits_model")
+    )
+    single_calls = float(samples['digits_model_batch_size_bucket{le="1.0"}'])
+    assert single_calls < float(samples["digits_model_batch_size_count"])  # some calls batched
+
+
+def test_excess_requests_get_429_at_once(live_service, canvas):
+    """Requests that keep their body coming hold a slot each; one more is refused at once."""
+    held = []
+    try:
+        for _ in range(MAX_CONCURRENCY):
+            sock = socket.create_connection(address(live_service), timeout=10)
+            sock.sendall(
+                b"POST /predict HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 100\r\n\r\n{"
+            )
+            held.append(sock)
+        time.sleep(0.5)
+        started = time.perf_counter()
+        response = httpx.post(f"{live_service}/predict", json={"image": canvas[0]}, timeout=10)
+        assert response.status_code == 429
+        assert "error" in response.json()
+        assert time.perf_counter() - started < 1.0
+    finally:
+        for sock in held:
+            sock.close()
+    time.sleep(0.5)
+    assert httpx.post(f"{live_service}/predict", json={"image": canvas[0]}).status_code == 200
+
+
+def test_metrics_expose_the_service_counters(live_service, canvas):
+    httpx.post(f"{live_service}/predict", json={"image": canvas[0]}, timeout=10)
+    httpx.post(f"{live_service}/predict", json={"image": "!!"}, timeout=10)
+    metrics = httpx.get(f"{live_service}/metrics", timeout=5).text
+    assert f'digits_predictions_total{{digit="{canvas[1]}"}}' in metrics
+    assert "digits_prediction_confidence_bucket" in metrics
+    assert 'digits_rejected_inputs_total{reason="invalid_base64"}' in metrics
+    assert "bentoml_service_request_total" in metrics  # BentoML's own metrics still there
+
+
+def test_server_stays_healthy_after_abuse(live_service, canvas):
+    for garbage in (b"\x00" * 100, b"GET / HTTP/9.9\r\n\r\n", b"POST /predict HTTP/1.1\r\n\r\n"):
+        with socket.create_connection(address(live_service), timeout=5) as sock:
+            sock.sendall(garbage)
+            sock.settimeout(2)
+            with contextlib.suppress(OSError):
+                sock.recv(1000)
+    assert httpx.get(f"{live_service}/livez", timeout=5).status_code == 200
+    response = httpx.post(f"{live_service}/predict", json={"image": canvas[0]}, timeout=10)
+    assert response.json()["digit"] == canvas[1]
