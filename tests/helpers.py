@@ -20,10 +20,11 @@ FAST_PARAMS = REPO / "tests" / "fast_params.yaml"
 class FastProject:
     root: Path
     bentoml_home: Path
+    tracking_server: str | None = None  # an MLflow server's URL; None uses the embedded store
 
     @property
     def tracking_uri(self) -> str:
-        return f"sqlite:///{self.root / 'mlflow.db'}"
+        return self.tracking_server or f"sqlite:///{self.root / 'mlflow.db'}"
 
     def env(self) -> dict[str, str]:
         """The environment a user would have: the venv first on PATH, embedded stores."""
@@ -73,9 +74,11 @@ def run_in(project: FastProject, *command: str, check: bool = True) -> subproces
     return result
 
 
-def make_fast_project(base: Path) -> FastProject:
+def make_fast_project(
+    base: Path, bentoml_home: Path | None = None, tracking_server: str | None = None
+) -> FastProject:
     """A git-initialised copy of the project whose `dvc repro` has run on the fast preset."""
-    project = FastProject(root=base / "project", bentoml_home=base / "bentoml")
+    project = FastProject(base / "project", bentoml_home or base / "bentoml", tracking_server)
     project.root.mkdir(parents=True)
     copy_project(project.root)
     (project.root / "params.yaml").write_text(yaml.safe_dump(fast_params(), sort_keys=False))

@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
+import sys
 import time
+import urllib.request
+from pathlib import Path
 
 import bentoml
 import mlflow
@@ -13,9 +18,59 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.helpers import run_in
+from tests.helpers import make_fast_project, run_in
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def fast_project(tmp_path_factory):
+    return make_fast_project(tmp_path_factory.mktemp("pipeline"))
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real MLflow tracking server on 127.0.0.1, SQLite backend, local artifact store."""
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2):
+                    break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("mlflow server did not start") from None
+                time.sleep(0.5)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def test_repro_runs_every_stage_and_tracks_the_run(fast_project):
@@ -80,3 +135,17 @@ def test_same_params_give_identical_metrics(fast_project):
     assert trained_after["val_accuracy"] == trained_before["val_accuracy"]
     assert after["test_accuracy"] == before["test_accuracy"]
     assert after["test_loss"] == before["test_loss"]
+
+
+def test_team_mode_runs_the_pipeline_through_a_tracking_server(tmp_path, mlflow_server):
+    project = make_fast_project(tmp_path, tracking_server=mlflow_server)
+    assert not (project.root / "mlflow.db").exists()
+    mlflow.set_tracking_uri(mlflow_server)
+    client = MlflowClient()
+    champion = client.get_model_version_by_alias("digits-cnn", "champion")
+    run = client.get_run(champion.run_id)
+    assert run.data.metrics["test_accuracy"] >= 0.97
+    package = json.loads((project.root / "reports/package.json").read_text())
+    assert package["run_id"] == champion.run_id
+    model = mlflow.keras.load_model("models:/digits-cnn@champion")
+    assert np.asarray(model(np.zeros((1, 28, 28, 1), dtype=np.float32))).shape == (1, 10)

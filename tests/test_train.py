@@ -1,0 +1,78 @@
+"""Training pieces a user relies on: augmentation that keeps digits digits, a reproducible data
+stream, and a model builder that checks its arguments."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from pipelines.model import build_model
+from pipelines.train import TrainSettings, random_affine, random_thickness, training_dataset
+from tests.helpers import fast_params
+
+
+def settings(**overrides) -> TrainSettings:
+    return TrainSettings.from_params({**fast_params()["train"], **overrides})
+
+
+def bar_images(count: int = 8) -> tf.Tensor:
+    images = np.zeros((count, 28, 28, 1), dtype=np.float32)
+    images[:, 6:22, 12:16] = 1.0  # a vertical stroke, like a 1
+    return tf.constant(images)
+
+
+def test_thickness_augmentation_thickens_and_thins_strokes():
+    images = bar_images(256)
+    changed = random_thickness(images, strength=1.0, seed=tf.constant([1, 2], tf.int64))
+    ink_before = float(tf.reduce_sum(images[0]))
+    ink_after = tf.reduce_sum(changed, axis=[1, 2, 3]).numpy()
+    assert (ink_after > ink_before * 1.2).any() and (ink_after < ink_before * 0.8).any()
+    assert float(tf.reduce_min(changed)) >= 0.0 and float(tf.reduce_max(changed)) <= 1.0
+
+
+def test_affine_augmentation_keeps_the_digit_on_the_frame_with_empty_fill():
+    images = bar_images()
+    moved = random_affine(images, 10, 0.1, 2, seed=tf.constant([3, 4], tf.int64)).numpy()
+    assert moved.shape == images.shape
+    corners = moved[:, [0, 0, -1, -1], [0, -1, 0, -1]]
+    assert np.all(corners == 0.0)  # constant fill, no mirrored stroke fragments
+    ratio = moved.sum(axis=(1, 2, 3)) / images.numpy().sum(axis=(1, 2, 3))
+    assert np.all((ratio > 0.75) & (ratio < 1.3))
+
+
+def test_zero_augmentation_is_the_identity():
+    images = bar_images()
+    same = random_affine(images, 0, 0, 0, seed=tf.constant([5, 6], tf.int64))
+    np.testing.assert_allclose(same.numpy(), images.numpy(), atol=1e-5)
+
+
+def test_training_stream_is_reproducible_from_the_seed():
+    rng = np.random.default_rng(0)
+    x = rng.random((256, 28, 28), dtype=np.float32)
+    y = rng.integers(0, 10, 256)
+
+    def first_batches(seed: int) -> list[np.ndarray]:
+        stream = training_dataset(x, y, settings(seed=seed, batch_size=64), steps=3)
+        return [images.numpy() for images, _ in stream]
+
+    np.testing.assert_array_equal(np.stack(first_batches(1)), np.stack(first_batches(1)))
+    assert not np.array_equal(np.stack(first_batches(1)), np.stack(first_batches(2)))
+
+
+def test_settings_reject_unknown_keys_so_typos_in_params_fail_loudly():
+    with pytest.raises(TypeError):
+        TrainSettings.from_params({**fast_params()["train"], "epohcs": 3})
+
+
+def test_model_maps_images_to_ten_probabilities():
+    model = build_model((4, 8, 16), 0.1)
+    probabilities = model(np.zeros((3, 28, 28, 1), dtype=np.float32)).numpy()
+    assert probabilities.shape == (3, 10)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("filters, dropout", [((4, 8), 0.1), ((0, 8, 16), 0.1), ((4, 8, 16), 1.0)])
+def test_model_builder_rejects_bad_hyper_parameters(filters, dropout):
+    with pytest.raises(ValueError):
+        build_model(filters, dropout)
