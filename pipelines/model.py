@@ -23,7 +23,9 @@ def conv_bn(
     return layers.Activation("relu")(x)
 
 
-def build_model(filters: tuple[int, int, int] = (32, 64, 128), dropout: float = 0.4) -> keras.Model:
+def build_model(
+    filters: tuple[int, int, int] = (32, 64, 128), dropout: float = 0.4, name: str = "digits_cnn"
+) -> keras.Model:
     """Map (N, 28, 28, 1) images in [0, 1] to (N, 10) digit probabilities."""
     if len(filters) != 3 or min(filters) < 1:
         raise ValueError(f"filters must be three positive widths, got {filters}")
@@ -43,4 +45,11 @@ def build_model(filters: tuple[int, int, int] = (32, 64, 128), dropout: float = 
     x = layers.Flatten()(x)
     x = layers.Dropout(dropout)(x)
     outputs = layers.Dense(len(LABELS), activation="softmax", name="probabilities")(x)
-    return keras.Model(inputs, outputs, name="digits_cnn")
+    return keras.Model(inputs, outputs, name=name)
+
+
+def build_ensemble(members: list[keras.Model]) -> keras.Model:
+    """One model whose probabilities are the average of its members' (each named uniquely)."""
+    inputs = keras.Input(shape=INPUT_SHAPE, name="image")
+    outputs = layers.Average(name="probabilities")([member(inputs) for member in members])
+    return keras.Model(inputs, outputs, name="digits_cnn_ensemble")

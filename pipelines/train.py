@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import logging
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import keras
@@ -28,13 +28,13 @@ import tensorflow as tf
 
 from pipelines import tracking
 from pipelines.download import file_md5, load_prepared
-from pipelines.model import build_model
+from pipelines.model import build_ensemble, build_model
 from pipelines.preprocessing import INPUT_SHAPE, PREPROCESSING_VERSION, as_batch
 
 log = logging.getLogger("train")
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class TrainSettings:
     seed: int
     epochs: int
@@ -51,6 +51,7 @@ class TrainSettings:
     shift_pixels: float
     thickness: float
     max_train_images: int  # 0 means all
+    members: int  # independently seeded networks whose probabilities are averaged
 
     @classmethod
     def from_params(cls, section: dict) -> TrainSettings:
@@ -140,44 +141,54 @@ def learning_rate_schedule(settings: TrainSettings, steps_per_epoch: int):
 
 
 class EpochLogger(keras.callbacks.Callback):
-    """Log each epoch's metrics and elapsed time to the log, MLflow and a history list."""
+    """Log each epoch's metrics and elapsed time to the log, MLflow and a history list.
+
+    Epochs are numbered across ensemble members, so member 2's first epoch follows member 1's
+    last one in MLflow's charts and in the history CSV.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.history: list[dict[str, float]] = []
         self.started = time.perf_counter()
+        self.member = 1
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         metrics = {name: float(value) for name, value in (logs or {}).items()}
         metrics.pop("learning_rate", None)
-        self.history.append({"epoch": epoch + 1, **metrics})
-        mlflow.log_metrics(metrics, step=epoch + 1)
+        step = len(self.history) + 1
+        self.history.append({"epoch": step, "member": self.member, **metrics})
+        mlflow.log_metrics(metrics, step=step)
         log.info(
-            "epoch %d: val_accuracy %.4f, %.0f s elapsed",
+            "member %d epoch %d: val_accuracy %.4f, %.0f s elapsed",
+            self.member,
             epoch + 1,
             metrics.get("val_accuracy", float("nan")),
             time.perf_counter() - self.started,
         )
 
 
-def training_images(data: dict[str, np.ndarray], settings: TrainSettings):
+def training_images(
+    data: dict[str, np.ndarray], settings: TrainSettings
+) -> tuple[np.ndarray, np.ndarray]:
     """The training split as float images in [0, 1], cut to `max_train_images` when set."""
     count = settings.max_train_images or len(data["x_train"])
     return data["x_train"][:count].astype(np.float32) / 255.0, data["y_train"][:count]
 
 
-def train(data: dict[str, np.ndarray], settings: TrainSettings) -> tuple[keras.Model, EpochLogger]:
-    """Fit the model on the training split, watching the validation split."""
+def validation_split(data: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    return as_batch(data["x_val"].astype(np.float32) / 255.0), data["y_val"].astype(np.int64)
+
+
+def fit_member(
+    data: dict[str, np.ndarray], settings: TrainSettings, name: str, logger: EpochLogger
+) -> keras.Model:
+    """Fit one network from its own seed on the training split, watching the validation split."""
     keras.utils.set_random_seed(settings.seed)
-    tf.config.experimental.enable_op_determinism()
     x_train, y_train = training_images(data, settings)
     steps_per_epoch = len(x_train) // settings.batch_size
-    validation = (
-        as_batch(data["x_val"].astype(np.float32) / 255.0),
-        keras.utils.to_categorical(data["y_val"], 10),
-    )
-
-    model = build_model(settings.filters, settings.dropout)
+    x_val, y_val = validation_split(data)
+    model = build_model(settings.filters, settings.dropout, name=name)
     model.compile(
         optimizer=keras.optimizers.AdamW(
             learning_rate=learning_rate_schedule(settings, steps_per_epoch),
@@ -189,22 +200,46 @@ def train(data: dict[str, np.ndarray], settings: TrainSettings) -> tuple[keras.M
         metrics=["accuracy"],
     )
     log.info(
-        "training %d parameters on %d images for %d epochs",
+        "training %s: %d parameters on %d images for %d epochs",
+        name,
         model.count_params(),
         len(x_train),
         settings.epochs,
     )
-    logger = EpochLogger()
     model.fit(
         training_dataset(x_train, y_train, settings, steps_per_epoch * settings.epochs),
         epochs=settings.epochs,
         steps_per_epoch=steps_per_epoch,
-        validation_data=validation,
+        validation_data=(x_val, keras.utils.to_categorical(y_val, 10)),
         validation_batch_size=1000,
         callbacks=[logger],
         verbose=2,
     )
+    return model  # with EMA on, fit() has already swapped in the averaged weights
+
+
+def train(data: dict[str, np.ndarray], settings: TrainSettings) -> tuple[keras.Model, EpochLogger]:
+    """Fit `members` networks from consecutive seeds; more than one are averaged."""
+    tf.config.experimental.enable_op_determinism()
+    logger = EpochLogger()
+    members = []
+    for index in range(settings.members):
+        logger.member = index + 1
+        member_settings = dataclasses.replace(settings, seed=settings.seed + index)
+        members.append(fit_member(data, member_settings, f"member_{index + 1}", logger))
+    model = members[0] if len(members) == 1 else build_ensemble(members)
     return model, logger
+
+
+def validation_scores(model: keras.Model, data: dict[str, np.ndarray]) -> dict[str, float]:
+    """Accuracy and loss of the final model (averaged weights, whole ensemble) on validation."""
+    x_val, y_val = validation_split(data)
+    probabilities = np.asarray(model.predict(x_val, batch_size=1000, verbose=0))
+    picked = np.clip(probabilities[np.arange(len(y_val)), y_val], 1e-12, 1.0)
+    return {
+        "val_accuracy": float((probabilities.argmax(axis=1) == y_val).mean()),
+        "val_loss": float(-np.log(picked).mean()),
+    }
 
 
 def write_history(history: list[dict[str, float]], path: Path) -> None:
@@ -236,10 +271,9 @@ def main() -> None:
         started = time.perf_counter()
         model, logger = train(data, settings)
         seconds = time.perf_counter() - started
-        images = settings.epochs * len(training_images(data, settings)[1])
+        images = settings.members * settings.epochs * len(training_images(data, settings)[1])
         summary = {
-            "val_accuracy": logger.history[-1]["val_accuracy"],
-            "val_loss": logger.history[-1]["val_loss"],
+            **validation_scores(model, data),
             "train_seconds": round(seconds, 1),
             "images_per_second": round(images / seconds, 1),
             "parameters": model.count_params(),
@@ -247,7 +281,12 @@ def main() -> None:
             "data_hash": data_hash,
             "preprocessing_version": PREPROCESSING_VERSION,
         }
-        mlflow.log_metrics({k: summary[k] for k in ("train_seconds", "images_per_second")})
+        mlflow.log_metrics(
+            {
+                k: summary[k]
+                for k in ("val_accuracy", "val_loss", "train_seconds", "images_per_second")
+            }
+        )
         args.model.parent.mkdir(parents=True, exist_ok=True)
         model.save(args.model)
         tracking.log_keras_model(model, data["x_val"][:2])
