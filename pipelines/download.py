@@ -218,9 +218,11 @@ def fetch_file(
     """Make `raw_dir/name` a verified copy, trying each source in turn; raise DownloadError
     naming every source tried and what was wrong if none delivers."""
     target = raw_dir / name
-    if target.is_file() and file_sha256(target) == sha256:
-        logger.info("%s already verified", name)
-        return target
+    if target.is_file():
+        if file_sha256(target) == sha256:
+            logger.info("%s already verified", name)
+            return target
+        logger.warning("%s: checksum mismatch on disk (changed or corrupted); fetching again", name)
     problems = []
     for base in sources:
         url = base + name

@@ -18,6 +18,7 @@ import dataclasses
 import json
 import logging
 import math
+import signal
 import time
 from pathlib import Path
 
@@ -250,6 +251,10 @@ def write_history(history: list[dict[str, float]], path: Path) -> None:
         writer.writerows(history)
 
 
+def stop_on_sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"stopped by signal {signum}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
@@ -260,6 +265,9 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
+    # A stopped stage (SIGTERM from a scheduler, Ctrl-C) ends its MLflow run as KILLED, so the
+    # package stage never mistakes a half-trained model for a candidate.
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     params = tracking.load_params(args.params)
     settings = TrainSettings.from_params(params["train"])
     data = load_prepared(args.data)

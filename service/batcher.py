@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("bentoml.digits.batcher")
 
 Infer = Callable[[np.ndarray], np.ndarray]  # (N, 28, 28) float32 -> (N, 10) probabilities
 

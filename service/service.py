@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from service.guard import RequestGuard
 from service.images import read_image
 from service.settings import Settings
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("bentoml.digits")  # under BentoML's logger: `bentoml serve` shows it
 
 SETTINGS = Settings.from_env()
 WEB_DIR = Path(__file__).resolve().parents[1] / "web"
@@ -152,7 +153,6 @@ class Digits:
         self.decoders = ThreadPoolExecutor(
             SETTINGS.preprocess_threads, thread_name_prefix="digits-decode"
         )
-        self.busy = 0
         log.info("serving %s", self.model_version)
 
     @bentoml.api(input_spec=PredictRequest)
@@ -169,7 +169,7 @@ class Digits:
     async def predict_batch(self, images: list[str]) -> BatchPrediction:
         """Several images in one model call; each answer is a prediction or a refusal."""
         decoded = await asyncio.gather(
-            *(self.preprocess(image) for image in images), return_exceptions=True
+            *(self.preprocess(image, inline=False) for image in images), return_exceptions=True
         )
         good = [index for index, item in enumerate(decoded) if isinstance(item, np.ndarray)]
         answers: list[Any] = [None] * len(images)
@@ -185,19 +185,21 @@ class Digits:
                 answers[index] = self.answer(row)
         return BatchPrediction(predictions=answers)
 
-    async def preprocess(self, image: str) -> np.ndarray:
-        """Decode and preprocess off the event loop: (28, 28) float32 in [0, 1]."""
-        import os
-        if os.environ.get("XP_INLINE") == "always" or (os.environ.get("XP_INLINE") and self.busy == 0):
+    async def preprocess(self, image: str, inline: bool = True) -> np.ndarray:
+        """Decode and preprocess one image to (28, 28) float32 in [0, 1].
+
+        A canvas-sized image (~13 kB of base64, ~2 ms of work) is done right here on the event
+        loop: on 2 cores that costs less than handing it to a thread and back (measured: ~20%
+        less CPU per request, and more requests per second). Larger images, and the images of
+        a batch, go to a thread pool so that the loop keeps serving meanwhile. The pixel limit
+        bounds the worst inline case (a 2048x2048 PNG can fit in 12 kB) to ~15 ms.
+        """
+        if inline and len(image) <= SETTINGS.inline_image_chars:
             return read_image(image, SETTINGS.max_image_pixels)
-        self.busy += 1
-        try:
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(
-                self.decoders, read_image, image, SETTINGS.max_image_pixels
-            )
-        finally:
-            self.busy -= 1
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self.decoders, read_image, image, SETTINGS.max_image_pixels
+        )
 
     def answer(self, probabilities: np.ndarray) -> Prediction:
         ranked = np.argsort(probabilities)[::-1]
@@ -227,9 +229,11 @@ def compile_model(path: str, settings: Settings):
     `model.predict` builds a data pipeline on every call (~40 ms); a tf.function with a fixed
     input signature is traced once here and then costs well under a millisecond per call.
     """
+    started = time.perf_counter()
     import keras
     import tensorflow as tf
 
+    imported = time.perf_counter()
     if settings.tf_threads:
         try:
             tf.config.threading.set_intra_op_parallelism_threads(settings.tf_threads)
@@ -245,8 +249,16 @@ def compile_model(path: str, settings: Settings):
     def infer(images: np.ndarray) -> np.ndarray:
         return probabilities(as_batch(images)).numpy()
 
+    loaded = time.perf_counter()
     for size in settings.warmup_batch_sizes:
         infer(np.zeros((size, *INPUT_SHAPE[:2]), dtype=np.float32))
+    log.info(
+        "model ready in %.1f s: TensorFlow import %.1f s, load %.1f s, compile and warm-up %.1f s",
+        time.perf_counter() - started,
+        imported - started,
+        loaded - imported,
+        time.perf_counter() - loaded,
+    )
     return infer
 
 

@@ -26,7 +26,8 @@ class Settings:
     # Serving.
     max_concurrency: int = 64  # requests in flight per worker; more get 429 at once
     timeout_seconds: float = 10.0  # a request still unanswered after this gets 504
-    preprocess_threads: int = 2  # threads decoding and preprocessing images
+    preprocess_threads: int = 2  # threads decoding large images and the images of batches
+    inline_image_chars: int = 64 * 1024  # smaller images are decoded on the event loop
     # Batching: requests that arrive while the model is busy join its next call.
     max_model_batch: int = 64  # images per model call
     batch_wait_ms: float = 0.0  # extra wait for company before a call; 0 = never wait

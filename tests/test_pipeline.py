@@ -13,15 +13,21 @@ import time
 import urllib.request
 from pathlib import Path
 
-import bentoml
 import mlflow
 import numpy as np
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
+from pipelines.download import MNIST_SHA256, file_sha256
 from tests.helpers import make_fast_project, run_in
 
 pytestmark = pytest.mark.slow
+
+
+def bento_model(project, tag: str) -> dict:
+    """What `bentoml models get` says about a model in the project's BentoML store."""
+    return yaml.safe_load(run_in(project, "bentoml", "models", "get", tag).stdout)
 
 
 @pytest.fixture(scope="module")
@@ -113,10 +119,9 @@ def test_repro_ends_with_a_champion_in_registry_and_bentoml_store(fast_project):
     champion = MlflowClient().get_model_version_by_alias("digits-cnn", "champion")
     assert int(champion.version) == package["champion_version"]
 
-    os.environ["BENTOML_HOME"] = str(fast_project.bentoml_home)
-    stored = bentoml.models.get("digits-cnn:latest")
-    assert str(stored.tag) == package["bentoml_tag"]
-    metadata = stored.info.metadata
+    stored = bento_model(fast_project, "digits-cnn:latest")
+    assert f"{stored['name']}:{stored['version']}" == package["bentoml_tag"]
+    metadata = stored["metadata"]
     assert metadata["mlflow_run_id"] == champion.run_id
     assert metadata["registry_version"] == int(champion.version)
     for key in ("val_accuracy", "test_accuracy", "data_hash", "git_commit", "trained_at"):
@@ -142,6 +147,57 @@ def test_same_params_give_identical_metrics(fast_project):
     assert trained_after["val_accuracy"] == trained_before["val_accuracy"]
     assert after["test_accuracy"] == before["test_accuracy"]
     assert after["test_loss"] == before["test_loss"]
+
+
+def test_corrupted_data_is_caught_by_checksum_and_fetched_again(fast_project):
+    raw = fast_project.root / "data/raw/train-labels-idx1-ubyte.gz"
+    corrupted = bytearray(raw.read_bytes())
+    corrupted[100] ^= 0xFF
+    raw.write_bytes(bytes(corrupted))
+    result = run_in(fast_project, "dvc", "repro")
+    log = result.stdout + result.stderr
+    assert "train-labels-idx1-ubyte.gz: checksum mismatch on disk" in log
+    assert "Stage 'train' didn't change, skipping" in result.stdout  # the same data came back
+    assert file_sha256(raw) == MNIST_SHA256[raw.name]
+
+
+def test_training_killed_part_way_changes_nothing_and_the_next_repro_completes(fast_project):
+    mlflow.set_tracking_uri(fast_project.tracking_uri)
+    client = MlflowClient()
+    champion = client.get_model_version_by_alias("digits-cnn", "champion")
+    package_before = (fast_project.root / "reports/package.json").read_text()
+    params = yaml.safe_load((fast_project.root / "params.yaml").read_text())
+    params["train"]["seed"] += 1
+    (fast_project.root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    repro = subprocess.Popen(
+        ["dvc", "repro"],
+        cwd=fast_project.root,
+        env=fast_project.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    for line in repro.stdout:  # wait until training is under way
+        if "epoch 1:" in line:
+            break
+    os.killpg(repro.pid, signal.SIGTERM)
+    repro.communicate(timeout=120)
+    assert repro.returncode != 0
+
+    assert client.get_model_version_by_alias("digits-cnn", "champion").version == champion.version
+    assert (fast_project.root / "reports/package.json").read_text() == package_before
+    latest = bento_model(fast_project, "digits-cnn:latest")
+    assert latest["metadata"]["mlflow_run_id"] == champion.run_id
+    killed = client.search_runs(
+        [client.get_experiment_by_name("digits").experiment_id],
+        filter_string="attributes.status != 'FINISHED'",
+    )
+    assert killed and all(run.info.status in ("KILLED", "FAILED") for run in killed)
+
+    run_in(fast_project, "dvc", "repro")
+    assert "Stage 'train' didn't change" in run_in(fast_project, "dvc", "repro").stdout
 
 
 def test_team_mode_runs_the_pipeline_through_a_tracking_server(tmp_path, mlflow_server):
