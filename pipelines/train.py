@@ -159,7 +159,9 @@ class EpochLogger(keras.callbacks.Callback):
         metrics.pop("learning_rate", None)
         step = len(self.history) + 1
         self.history.append({"epoch": step, "member": self.member, **metrics})
-        mlflow.log_metrics(metrics, step=step)
+        # Prefixed so that `val_accuracy` is reserved for the final model, which may differ
+        # from the last epoch's (averaged weights, several members).
+        mlflow.log_metrics({f"epoch_{name}": value for name, value in metrics.items()}, step=step)
         log.info(
             "member %d epoch %d: val_accuracy %.4f, %.0f s elapsed",
             self.member,

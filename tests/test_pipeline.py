@@ -104,7 +104,7 @@ def test_repro_runs_every_stage_and_tracks_the_run(fast_project):
     assert run.data.metrics["test_accuracy"] == metrics["test_accuracy"]
     assert "val_accuracy" in run.data.metrics
     assert run.data.tags["data_hash"] == train["data_hash"]
-    history = client.get_metric_history(run.info.run_id, "val_accuracy")
+    history = client.get_metric_history(run.info.run_id, "epoch_val_accuracy")
     assert [point.step for point in history] == [1, 2]
 
     model = mlflow.keras.load_model(f"runs:/{run.info.run_id}/model")

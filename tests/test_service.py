@@ -326,6 +326,41 @@ def test_bad_images_are_refused(client, image, status, reason):
     assert_refusal(predict(client, image), status, reason)
 
 
+def encoded(image: Image.Image, image_format: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, image_format, **options)
+    return buffer.getvalue()
+
+
+STROKE = np.zeros((60, 60), np.uint8)
+STROKE[10:50, 27:34] = 255  # a "1", light on dark
+
+
+@pytest.mark.parametrize(
+    ("data", "status"),
+    [
+        (encoded(Image.new("L", (1, 1)), "PNG"), 422),
+        (encoded(Image.new("L", (1, 4_000_000)), "PNG"), 422),
+        (encoded(Image.fromarray(STROKE.astype(np.uint16) * 257), "PNG"), 200),
+        (encoded(Image.fromarray(STROKE).convert("P"), "PNG", transparency=0), 200),
+        (encoded(Image.fromarray(np.dstack([255 - STROKE, STROKE]), "LA"), "PNG"), 200),
+        (encoded(Image.fromarray(STROKE).convert("CMYK"), "JPEG"), 200),
+        (encoded(Image.fromarray(STROKE).convert("1"), "PNG"), 200),
+        (encoded(Image.fromarray(STROKE), "WEBP"), 200),
+        (encoded(Image.fromarray(STROKE), "BMP"), 200),
+        (encoded(Image.fromarray(STROKE), "ICO"), 422),
+    ],
+    ids=["1x1", "1x4M", "16-bit", "palette", "gray-alpha", "cmyk", "1-bit", "webp", "bmp", "ico"],
+)
+def test_unusual_images_get_an_answer_or_a_refusal(client, data, status):
+    response = predict(client, b64(data))
+    if status == 200:
+        assert response.status_code == 200, response.text
+        assert response.json()["digit"] == 1
+    else:
+        assert_refusal(response, 422, response.json().get("reason", "?"))
+
+
 def test_tiff_is_an_unsupported_format(client):
     buffer = io.BytesIO()
     Image.new("L", (28, 28)).save(buffer, "TIFF")
