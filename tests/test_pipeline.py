@@ -149,15 +149,24 @@ def test_same_params_give_identical_metrics(fast_project):
     assert after["test_loss"] == before["test_loss"]
 
 
-def test_corrupted_data_is_caught_by_checksum_and_fetched_again(fast_project):
+def corrupt(path) -> None:
+    data = bytearray(path.read_bytes())
+    data[100] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_corrupted_data_is_caught_by_checksum_before_training(fast_project):
     raw = fast_project.root / "data/raw/train-labels-idx1-ubyte.gz"
-    corrupted = bytearray(raw.read_bytes())
-    corrupted[100] ^= 0xFF
-    raw.write_bytes(bytes(corrupted))
+    # Run by hand, the stage's own SHA-256 check catches it and fetches the file again.
+    corrupt(raw)
+    result = run_in(fast_project, "python", "-m", "pipelines.download")
+    assert "train-labels-idx1-ubyte.gz: checksum mismatch on disk" in result.stderr
+    assert file_sha256(raw) == MNIST_SHA256[raw.name]
+    # Through DVC, its hash check sees the change and restores the verified copy from cache.
+    corrupt(raw)
     result = run_in(fast_project, "dvc", "repro")
-    log = result.stdout + result.stderr
-    assert "train-labels-idx1-ubyte.gz: checksum mismatch on disk" in log
-    assert "Stage 'train' didn't change, skipping" in result.stdout  # the same data came back
+    assert "Stage 'download' is cached - skipping run, checking out outputs" in result.stdout
+    assert "Stage 'train' didn't change, skipping" in result.stdout
     assert file_sha256(raw) == MNIST_SHA256[raw.name]
 
 
