@@ -40,6 +40,10 @@ VALIDATION_REASONS = {
 }
 
 
+class ClientDisconnected(Exception):
+    """The client went away before its request body was complete."""
+
+
 class RequestGuard:
     def __init__(
         self,
@@ -86,7 +90,10 @@ class RequestGuard:
             )
             await self._refuse(send, refusal)
             return
-        body = await self._read_body(receive)
+        try:
+            body = await self._read_body(receive)
+        except ClientDisconnected:
+            return  # nobody is left to answer
         if body is None:
             await self._refuse(send, self._too_large())
             return
@@ -114,7 +121,7 @@ class RequestGuard:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                return b""  # nobody is listening; let the app fail on the empty body quietly
+                raise ClientDisconnected
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body_bytes:

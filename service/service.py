@@ -150,16 +150,9 @@ class Digits:
             max_wait=SETTINGS.batch_wait_ms / 1000,
             on_batch=metrics.observe_model_batch,
         )
-        import os
-        if os.environ.get("XP_PROC"):
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
-            self.decoders = ProcessPoolExecutor(int(os.environ["XP_PROC"]), mp_context=multiprocessing.get_context("forkserver"))
-            self.decoders.submit(read_image, EXAMPLE_IMAGE, 100).result() if False else None
-        else:
-            self.decoders = ThreadPoolExecutor(
-                SETTINGS.preprocess_threads, thread_name_prefix="digits-decode"
-            )
+        self.decoders = ThreadPoolExecutor(
+            SETTINGS.preprocess_threads, thread_name_prefix="digits-decode"
+        )
         log.info("serving %s", self.model_version)
 
     @bentoml.api(input_spec=PredictRequest)
@@ -201,8 +194,7 @@ class Digits:
         a batch, go to a thread pool so that the loop keeps serving meanwhile. The pixel limit
         bounds the worst inline case (a 2048x2048 PNG can fit in 12 kB) to ~15 ms.
         """
-        import os
-        if not os.environ.get("XP_PROC") and inline and len(image) <= SETTINGS.inline_image_chars:
+        if inline and len(image) <= SETTINGS.inline_image_chars:
             return read_image(image, SETTINGS.max_image_pixels)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
