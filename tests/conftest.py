@@ -26,8 +26,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "mnist"
+from tests.helpers import REPO as REPO_ROOT
+from tests.helpers import SHARED_MNIST, FastProject, make_fast_project
+
 BENTOML = REPO_ROOT / ".venv" / "bin" / "bentoml"
 CANVAS_SIDE = 280  # the drawing page's canvas, in pixels
 SERVER_START_TIMEOUT = 90.0  # seconds; a cold start takes ~10 s, more while the cores are busy
@@ -159,8 +160,21 @@ def stop_process(process: subprocess.Popen, grace: float = 10.0) -> None:
 
 
 @pytest.fixture(scope="session")
-def live_service(bentoml_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Start `bentoml serve` of the Digits service on a free port; yield its base URL."""
+def fast_project(tmp_path_factory: pytest.TempPathFactory) -> FastProject:
+    """A copy of the project after `dvc repro` on the fast preset. Its package stage imports
+    the champion into the session's BentoML store, where `live_service` finds it."""
+    return make_fast_project(
+        tmp_path_factory.mktemp("pipeline"), bentoml_home=Path(os.environ["BENTOML_HOME"])
+    )
+
+
+@pytest.fixture(scope="session")
+def live_service(
+    fast_project: FastProject, bentoml_home: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """Start `bentoml serve` of the Digits service on a free port; yield its base URL.
+
+    It serves the model the real pipeline packaged (fast preset), as a user's would."""
     port = free_port()
     env = {**os.environ, "BENTOML_HOME": str(bentoml_home)}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # bentoml serve sets up its own

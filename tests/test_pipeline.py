@@ -30,11 +30,6 @@ def bento_model(project, tag: str) -> dict:
     return yaml.safe_load(run_in(project, "bentoml", "models", "get", tag).stdout)
 
 
-@pytest.fixture(scope="module")
-def fast_project(tmp_path_factory):
-    return make_fast_project(tmp_path_factory.mktemp("pipeline"))
-
-
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
