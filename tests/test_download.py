@@ -22,9 +22,9 @@ import pytest
 
 from pipelines import download
 from pipelines.download import DownloadError, DownloadSettings, IdxFormatError
+from tests.helpers import REPO as REPO_ROOT
+from tests.helpers import SHARED_MNIST
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "mnist"
 TRAIN_COUNT, TEST_COUNT, VALIDATION_SIZE = 30, 8, 6
 
 
@@ -324,7 +324,6 @@ def test_split_indices_are_disjoint_cover_everything_and_depend_only_on_seed():
         download.split_indices(100, 100, seed=3)
 
 
-@pytest.mark.skipif(not SHARED_MNIST.is_dir(), reason="no local MNIST copy at ../shared/mnist")
 def test_real_mnist_files_verify_and_prepare_byte_identically(tmp_path, monkeypatch):
     raw = tmp_path / "raw"
     sources = download.resolve_sources([], str(SHARED_MNIST))
