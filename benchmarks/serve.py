@@ -19,13 +19,8 @@ import base64
 import dataclasses
 import functools
 import http.client
-import io
 import json
 import logging
-import os
-import signal
-import socket
-import subprocess
 import tempfile
 import threading
 import time
@@ -34,11 +29,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_MNIST = REPO_ROOT.parent / "shared" / "mnist"
-CANVAS_SIDE = 280
+from common import (
+    BENTOML,
+    CANVAS_SIDE,
+    SERVICE,
+    SHARED_MNIST,
+    free_port,
+    mnist_test_digits,
+    render_canvas,
+    start_server,
+    stop_server,
+    tree_cpu_seconds,
+    tree_rss_mb,
+    wait_ready,
+)
 
 log = logging.getLogger("benchmark")
 
@@ -70,21 +74,9 @@ class Result:
 
 
 def canvas_png(mnist_dir: Path) -> bytes:
-    """A 280x280 RGBA PNG like the page's canvas: an MNIST test digit as dark strokes on a
-    transparent background. Without the MNIST files, a drawn 7."""
-    if (mnist_dir / "t10k-images-idx3-ubyte.gz").exists():
-        from pipelines.download import read_split
-
-        images, _ = read_split(mnist_dir, "t10k")
-        ink = Image.fromarray(images[0]).resize((CANVAS_SIDE,) * 2, Image.Resampling.BILINEAR)
-    else:
-        ink = Image.new("L", (CANVAS_SIDE, CANVAS_SIDE), 0)
-        ImageDraw.Draw(ink).line([(70, 60), (210, 60), (120, 230)], fill=255, width=22)
-    canvas = Image.new("RGBA", ink.size, (20, 20, 20, 0))
-    canvas.putalpha(ink)
-    buffer = io.BytesIO()
-    canvas.save(buffer, format="PNG")
-    return buffer.getvalue()
+    """A 280x280 RGBA PNG like the page's canvas: the first MNIST test digit (a 7)."""
+    images, _ = mnist_test_digits(mnist_dir)
+    return render_canvas(images[0])
 
 
 class Route:
@@ -155,107 +147,13 @@ def concurrent(route: Route, clients: int, duration: float) -> Result:
     return Result(route.path, f"{clients} clients", len(merged), sum(errors), elapsed, merged)
 
 
-def process_tree(root_pid: int) -> list[Path]:
-    """/proc entries of a process and all its descendants."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            parent = int(stat.rsplit(")", 1)[1].split()[1])
-            children.setdefault(parent, []).append(int(entry.name))
-    found, pending = [], [root_pid]
-    while pending:
-        pid = pending.pop()
-        found.append(Path(f"/proc/{pid}"))
-        pending.extend(children.get(pid, []))
-    return found
-
-
-def tree_rss_mb(root_pid: int) -> float:
-    """Resident memory of a process and all its descendants (VmRSS summed), in MB."""
-    total_kb = 0
-    for entry in process_tree(root_pid):
-        try:
-            status = (entry / "status").read_text()
-        except OSError:
-            continue
-        total_kb += next(
-            (int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")),
-            0,
-        )
-    return total_kb / 1024
-
-
-def tree_cpu_seconds(root_pid: int) -> float:
-    """User + system CPU time used so far by a process and its descendants."""
-    ticks = 0
-    for entry in process_tree(root_pid):
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        ticks += int(fields[11]) + int(fields[12])  # utime, stime
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
-# ---- The server -------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(bentoml: Path, service: str, port: int, log_file: Path) -> subprocess.Popen:
-    env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True"}
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    with open(log_file, "wb") as output:
-        return subprocess.Popen(
-            [str(bentoml), "serve", service, "--host", "127.0.0.1", "--port", str(port)],
-            cwd=REPO_ROOT,
-            env=env,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group, so stopping it stops its workers
-        )
-
-
-def wait_ready(process: subprocess.Popen, port: int, timeout: float) -> float:
-    """Seconds from now until /readyz answers 200."""
-    began = time.perf_counter()
-    while time.perf_counter() - began < timeout:
-        if process.poll() is not None:
-            raise RuntimeError(f"bentoml serve exited with code {process.returncode}")
-        try:
-            if Route(port, "GET", "/readyz").client()() == 200:
-                return time.perf_counter() - began
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise TimeoutError(f"not ready within {timeout:.0f} s")
-
-
-def stop_server(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=15)
-
-
 # ---- Main -------------------------------------------------------------------------------------
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--bentoml", type=Path, default=REPO_ROOT / ".venv" / "bin" / "bentoml")
-    parser.add_argument("--service", default="service.service:Digits")
+    parser.add_argument("--bentoml", type=Path, default=BENTOML)
+    parser.add_argument("--service", default=SERVICE)
     parser.add_argument("--mnist-dir", type=Path, default=SHARED_MNIST)
     parser.add_argument("--requests", type=int, default=300, help="sequential requests per route")
     parser.add_argument("--duration", type=float, default=4.0, help="seconds per concurrency level")

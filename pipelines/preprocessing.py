@@ -150,7 +150,10 @@ def _shrink(image: Image.Image) -> Image.Image:
     factor = max(image.size) // MAX_WORKING_SIDE + (max(image.size) % MAX_WORKING_SIDE > 0)
     if factor <= 1:
         return image
-    if image.mode not in ("L", "LA", "RGB", "RGBA"):
+    if image.mode.startswith("I") or image.mode == "F":
+        # Pillow's own conversion clips 16-bit values above 255 to white; scale them instead.
+        image = Image.fromarray(np.round(_grayscale(image) * 255).astype(np.uint8), mode="L")
+    elif image.mode not in ("L", "LA", "RGB", "RGBA"):
         image = image.convert("RGBA" if _has_transparency(image) else "RGB")
     return image.reduce(factor)
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 from scipy import ndimage
 
 from pipelines.download import read_idx
@@ -150,6 +150,15 @@ def test_sixteen_bit_png_reads_like_eight_bit():
     sixteen = Image.fromarray(eight.astype(np.uint16))
     result = bytes_to_input(png_bytes(sixteen))
     np.testing.assert_allclose(result, image_to_input(draw_seven()), atol=0.02)
+
+
+def test_large_sixteen_bit_png_keeps_its_grey_levels():
+    big = draw_seven(size=600, box=(170, 130, 430, 470), width=30).filter(
+        ImageFilter.GaussianBlur(8)  # soft, anti-aliased edges: grey levels that must survive
+    )
+    sixteen = Image.fromarray((np.asarray(big, dtype=np.uint16) * 257).astype(np.uint16))
+    result = bytes_to_input(png_bytes(sixteen))
+    np.testing.assert_allclose(result, image_to_input(big), atol=0.02)
 
 
 def test_animated_gif_uses_its_first_frame():
