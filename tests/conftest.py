@@ -8,6 +8,7 @@ anything imports bentoml, and inherited by subprocesses), so tests never touch t
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import logging
 import os
@@ -175,22 +176,23 @@ def live_service(
     """Start `bentoml serve` of the Digits service on a free port; yield its base URL.
 
     It serves the model the real pipeline packaged (fast preset), as a user's would."""
+    with serve(bentoml_home, tmp_path_factory.mktemp("live_service")) as base_url:
+        yield base_url
+
+
+@contextlib.contextmanager
+def serve(bentoml_home: Path, log_dir: Path, **env_overrides: str) -> Iterator[str]:
+    """A real `bentoml serve` of the service on a free port of 127.0.0.1, stopped on exit.
+
+    `env_overrides` set environment variables for it, e.g. DIGITS_MAX_CONCURRENCY="4"."""
     port = free_port()
-    env = {**os.environ, "BENTOML_HOME": str(bentoml_home)}
+    env = {**os.environ, "BENTOML_HOME": str(bentoml_home), **env_overrides}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # bentoml serve sets up its own
-    log_path = tmp_path_factory.mktemp("live_service") / "server.log"
-    command = [
-        str(BENTOML),
-        "serve",
-        "service.service:Digits",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
+    log_path = log_dir / "server.log"
+    command = [str(BENTOML), "serve", "service.service:Digits"]
     with open(log_path, "wb") as server_log:
         process = subprocess.Popen(
-            command,
+            [*command, "--host", "127.0.0.1", "--port", str(port)],
             cwd=REPO_ROOT,
             env=env,
             stdout=server_log,
@@ -204,8 +206,10 @@ def live_service(
         stop_process(process)
         sys.stderr.write(log_path.read_text(errors="replace")[-5000:])
         raise
-    yield base_url
-    stop_process(process)
+    try:
+        yield base_url
+    finally:
+        stop_process(process)
 
 
 # ---- Test images -----------------------------------------------------------------------------

@@ -19,9 +19,7 @@ import http.client
 import io
 import json
 import math
-import os
-import subprocess
-import sys
+import shutil
 import threading
 import time
 import zlib
@@ -34,15 +32,8 @@ import pytest
 from PIL import Image
 
 from service.settings import Settings
-from tests.conftest import (
-    BENTOML,
-    REPO_ROOT,
-    SERVER_START_TIMEOUT,
-    data_url,
-    free_port,
-    stop_process,
-    wait_until_ready,
-)
+from tests.conftest import data_url, serve
+from tests.helpers import REPO as REPO_ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -488,34 +479,18 @@ BURST_TIME_LIMIT = 60.0  # seconds for the whole burst; unanswered requests are 
 @pytest.fixture(scope="module")
 def limited_service(live_service, bentoml_home, tmp_path_factory) -> Iterator[str]:
     """A second `bentoml serve` of the same model that admits only OVERLOAD_LIMIT requests at a
-    time (depending on `live_service` makes sure the store holds the pipeline's model)."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "BENTOML_HOME": str(bentoml_home),
-        "DIGITS_MAX_CONCURRENCY": str(OVERLOAD_LIMIT),
-    }
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # bentoml serve sets up its own
-    log_path = tmp_path_factory.mktemp("limited_service") / "server.log"
-    command = [str(BENTOML), "serve", "service.service:Digits"]
-    with open(log_path, "wb") as server_log:
-        process = subprocess.Popen(
-            [*command, "--host", "127.0.0.1", "--port", str(port)],
-            cwd=REPO_ROOT,
-            env=env,
-            stdout=server_log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: stop_process ends workers too
-        )
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_ready(base_url, process, SERVER_START_TIMEOUT)
-    except Exception:
-        stop_process(process)
-        sys.stderr.write(log_path.read_text(errors="replace")[-5000:])
-        raise
-    yield base_url
-    stop_process(process)
+    time (depending on `live_service` makes sure the store holds the pipeline's model).
+
+    It gets a copy of the store: `bentoml serve` empties the Prometheus directory of its
+    BENTOML_HOME at start, which would wipe the live server's metrics."""
+    folder = tmp_path_factory.mktemp("limited_service")
+    shutil.copytree(bentoml_home / "models", folder / "bentoml" / "models")
+    with serve(
+        folder / "bentoml",
+        folder,
+        DIGITS_MAX_CONCURRENCY=str(OVERLOAD_LIMIT),
+    ) as base_url:
+        yield base_url
 
 
 @dataclass(frozen=True)
