@@ -10,7 +10,6 @@ written as DVC metrics and plots and logged to the training run in MLflow.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 from collections.abc import Callable
@@ -188,13 +187,6 @@ def canvas_robustness(
     return scores
 
 
-def write_csv(rows: list[dict], path: Path) -> None:
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
@@ -237,11 +229,11 @@ def main() -> None:
     for path in (args.metrics, args.confusion, args.calibration, args.misclassified):
         path.parent.mkdir(parents=True, exist_ok=True)
     args.metrics.write_text(json.dumps(metrics, indent=2) + "\n")
-    write_csv(
+    tracking.write_csv(
         [{"actual": int(a), "predicted": int(p)} for a, p in zip(labels, predicted, strict=True)],
         args.confusion,
     )
-    write_csv(reliability, args.calibration)
+    tracking.write_csv(reliability, args.calibration)
     misclassified_grid(images, labels, probabilities, settings.misclassified_shown).save(
         args.misclassified
     )

@@ -1,4 +1,4 @@
-"""What every stage needs to talk to MLflow and read params.yaml, written once.
+"""What every stage needs to read params.yaml, write reports and talk to MLflow, written once.
 
 By default runs go to an embedded SQLite store, `mlflow.db` in the project root (open it with
 `mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1`). Setting
@@ -7,6 +7,7 @@ By default runs go to an embedded SQLite store, `mlflow.db` in the project root 
 
 from __future__ import annotations
 
+import csv
 import importlib.metadata
 import os
 import subprocess
@@ -32,6 +33,15 @@ KERAS_FILE_IN_ARTIFACT = "data/model.keras"  # where the mlflow.keras flavor kee
 def load_params(path: Path) -> dict[str, Any]:
     with path.open() as handle:
         return yaml.safe_load(handle)
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    """Rows with the same keys as a CSV file (for `dvc plots`), creating its folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -13,7 +13,6 @@ evaluate stage continues) and a per-epoch history CSV for `dvc plots`.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import json
 import logging
@@ -171,11 +170,16 @@ class EpochLogger(keras.callbacks.Callback):
         )
 
 
+def training_count(data: dict[str, np.ndarray], settings: TrainSettings) -> int:
+    """How many training images an epoch sees: all, or `max_train_images` when set."""
+    return min(settings.max_train_images or len(data["x_train"]), len(data["x_train"]))
+
+
 def training_images(
     data: dict[str, np.ndarray], settings: TrainSettings
 ) -> tuple[np.ndarray, np.ndarray]:
     """The training split as float images in [0, 1], cut to `max_train_images` when set."""
-    count = settings.max_train_images or len(data["x_train"])
+    count = training_count(data, settings)
     return data["x_train"][:count].astype(np.float32) / 255.0, data["y_train"][:count]
 
 
@@ -245,14 +249,6 @@ def validation_scores(model: keras.Model, data: dict[str, np.ndarray]) -> dict[s
     }
 
 
-def write_history(history: list[dict[str, float]], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(history[0]))
-        writer.writeheader()
-        writer.writerows(history)
-
-
 def stop_on_sigterm(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"stopped by signal {signum}")
 
@@ -281,7 +277,7 @@ def main() -> None:
         started = time.perf_counter()
         model, logger = train(data, settings)
         seconds = time.perf_counter() - started
-        images = settings.members * settings.epochs * len(training_images(data, settings)[1])
+        images = settings.members * settings.epochs * training_count(data, settings)
         summary = {
             **validation_scores(model, data),
             "train_seconds": round(seconds, 1),
@@ -300,7 +296,7 @@ def main() -> None:
         args.model.parent.mkdir(parents=True, exist_ok=True)
         model.save(args.model)
         tracking.log_keras_model(model, data["x_val"][:2])
-        write_history(logger.history, args.history)
+        tracking.write_csv(logger.history, args.history)
         args.metrics.parent.mkdir(parents=True, exist_ok=True)
         args.metrics.write_text(json.dumps(summary, indent=2) + "\n")
     log.info(
