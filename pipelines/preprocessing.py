@@ -93,16 +93,28 @@ def ink_map(image: Image.Image) -> np.ndarray:
     background, whatever their colour). Otherwise the background is taken from the border and
     ink is whatever differs from it, so dark-on-light and light-on-dark both work.
     """
+    if image.mode in ("RGBA", "LA"):  # the canvas case: shrink just the alpha channel
+        alpha = _alpha_ink(_shrink(image.getchannel("A")))
+        if alpha is not None:
+            return alpha
     image = _shrink(image)
     if _has_transparency(image):
-        alpha = np.asarray(image.convert("RGBA").getchannel("A"), dtype=np.float32) / 255.0
-        if alpha.max() - alpha.min() >= MIN_CONTRAST:
-            return alpha - alpha.min()
+        alpha = _alpha_ink(image.convert("RGBA").getchannel("A"))
+        if alpha is not None:
+            return alpha
         image = image.convert("RGBA").convert("RGB")
     gray = _grayscale(image)
     border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
     background = float(np.median(border))
     return np.abs(gray - background).astype(np.float32)
+
+
+def _alpha_ink(alpha_channel: Image.Image) -> np.ndarray | None:
+    """Opacity as ink, or None when the alpha channel is (nearly) uniform and says nothing."""
+    alpha = np.asarray(alpha_channel, dtype=np.float32) / 255.0
+    if alpha.max() - alpha.min() < MIN_CONTRAST:
+        return None
+    return alpha - alpha.min()
 
 
 def ink_to_input(ink: np.ndarray) -> np.ndarray:
@@ -164,9 +176,9 @@ def _digit_bounds(ink: np.ndarray) -> tuple[slice, slice]:
     labels, count = ndimage.label(mask, structure=np.ones((3, 3)))
     if count == 0:
         raise NoDigitError()
-    masses = ndimage.sum_labels(ink, labels, index=np.arange(1, count + 1))
-    keep = np.flatnonzero(masses >= SPECK_FRACTION * masses.sum()) + 1
-    strokes = np.isin(labels, keep)
+    masses = np.bincount(labels.ravel(), weights=ink.ravel(), minlength=count + 1)
+    masses[0] = 0.0  # label 0 is the background
+    strokes = (masses >= SPECK_FRACTION * masses.sum())[labels]
     if strokes.sum() < MIN_INK_PIXELS:
         raise NoDigitError()
     row_hits = np.flatnonzero(strokes.any(axis=1))

@@ -6,6 +6,10 @@ parallel tf.data pipeline with stateless random ops, so both cores stay busy and
 gives the same model. The schedule is fixed (warm-up then cosine decay) and the final weights are
 kept; the validation split is only watched, and the test set is never touched here.
 
+With `members` > 1 the stage trains that many networks from consecutive seeds, side by side in
+worker processes (one per core, each single-threaded), and saves their average as one model.
+Workers send their epoch metrics to this process, which alone talks to MLflow.
+
 Outputs: the model file, `reports/train.json` (validation metrics and the MLflow run id that the
 evaluate stage continues) and a per-epoch history CSV for `dvc plots`.
 """
@@ -17,8 +21,13 @@ import dataclasses
 import json
 import logging
 import math
+import multiprocessing
+import os
+import queue as queue_module
 import signal
+import tempfile
 import time
+from multiprocessing.queues import Queue
 from pathlib import Path
 
 import keras
@@ -140,31 +149,49 @@ def learning_rate_schedule(settings: TrainSettings, steps_per_epoch: int):
     )
 
 
-class EpochLogger(keras.callbacks.Callback):
-    """Log each epoch's metrics and elapsed time to the log, MLflow and a history list.
+class EpochReporter(keras.callbacks.Callback):
+    """Inside a worker: send each epoch's metrics to the parent process, which logs them."""
 
-    Epochs are numbered across ensemble members, so member 2's first epoch follows member 1's
-    last one in MLflow's charts and in the history CSV.
-    """
-
-    def __init__(self) -> None:
+    def __init__(self, queue: Queue, member: int) -> None:
         super().__init__()
-        self.history: list[dict[str, float]] = []
-        self.started = time.perf_counter()
-        self.member = 1
+        self.queue = queue
+        self.member = member
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         metrics = {name: float(value) for name, value in (logs or {}).items()}
         metrics.pop("learning_rate", None)
-        step = len(self.history) + 1
-        self.history.append({"epoch": step, "member": self.member, **metrics})
+        self.queue.put({"member": self.member, "epoch": epoch + 1, **metrics})
+
+
+class EpochLog:
+    """In the parent: log each epoch's metrics and elapsed time to the log, MLflow and a history.
+
+    Epochs are numbered across ensemble members (member 2's first epoch follows member 1's last
+    one), so MLflow's charts and the history CSV read the same however the members were run.
+    """
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+        self.reports: list[dict[str, float]] = []
+        self.started = time.perf_counter()
+
+    @property
+    def history(self) -> list[dict[str, float]]:
+        """One row per epoch in step order (parallel members report interleaved)."""
+        return sorted(self.reports, key=lambda row: row["epoch"])
+
+    def record(self, report: dict[str, float]) -> None:
+        member, epoch = int(report["member"]), int(report["epoch"])
+        metrics = {k: v for k, v in report.items() if k not in ("member", "epoch")}
+        step = (member - 1) * self.epochs + epoch
+        self.reports.append({"epoch": step, "member": member, **metrics})
         # Prefixed so that `val_accuracy` is reserved for the final model, which may differ
         # from the last epoch's (averaged weights, several members).
         mlflow.log_metrics({f"epoch_{name}": value for name, value in metrics.items()}, step=step)
         log.info(
             "member %d epoch %d: val_accuracy %.4f, %.0f s elapsed",
-            self.member,
-            epoch + 1,
+            member,
+            epoch,
             metrics.get("val_accuracy", float("nan")),
             time.perf_counter() - self.started,
         )
@@ -188,7 +215,7 @@ def validation_split(data: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarra
 
 
 def fit_member(
-    data: dict[str, np.ndarray], settings: TrainSettings, name: str, logger: EpochLogger
+    data: dict[str, np.ndarray], settings: TrainSettings, name: str, reporter: EpochReporter
 ) -> keras.Model:
     """Fit one network from its own seed on the training split, watching the validation split."""
     keras.utils.set_random_seed(settings.seed)
@@ -219,23 +246,90 @@ def fit_member(
         steps_per_epoch=steps_per_epoch,
         validation_data=(x_val, keras.utils.to_categorical(y_val, 10)),
         validation_batch_size=1000,
-        callbacks=[logger],
+        callbacks=[reporter],
         verbose=2,
     )
     return model  # with EMA on, fit() has already swapped in the averaged weights
 
 
-def train(data: dict[str, np.ndarray], settings: TrainSettings) -> tuple[keras.Model, EpochLogger]:
-    """Fit `members` networks from consecutive seeds; more than one are averaged."""
+def fit_member_in_worker(
+    data_path: Path, settings: TrainSettings, member: int, threads: int, queue: Queue, out: Path
+) -> None:
+    """Worker process: fit member `member` (seed + member - 1) on `threads` cores, save to `out`."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(threads)
     tf.config.experimental.enable_op_determinism()
-    logger = EpochLogger()
-    members = []
-    for index in range(settings.members):
-        logger.member = index + 1
-        member_settings = dataclasses.replace(settings, seed=settings.seed + index)
-        members.append(fit_member(data, member_settings, f"member_{index + 1}", logger))
+    member_settings = dataclasses.replace(settings, seed=settings.seed + member - 1)
+    reporter = EpochReporter(queue, member)
+    model = fit_member(load_prepared(data_path), member_settings, f"member_{member}", reporter)
+    model.save(out)
+
+
+def worker_layout(members: int, cores: int) -> tuple[int, int]:
+    """(processes at once, threads each): one process per member, up to one per core.
+
+    Two single-threaded trainings on two cores get through about 35% more images per second
+    than one two-threaded training: small convolutions do not split well across threads.
+    """
+    processes = max(1, min(members, cores))
+    return processes, max(1, cores // processes)
+
+
+def run_workers(workers: list[multiprocessing.Process], queue: Queue, epochs: EpochLog) -> None:
+    """Run worker processes to the end, logging their epochs; stop them all if anything fails."""
+    try:
+        for worker in workers:
+            worker.start()
+        while any(worker.is_alive() for worker in workers):
+            drain(queue, epochs, wait=1.0)
+        drain(queue, epochs, wait=0.0)
+    finally:
+        for worker in workers:
+            if worker.is_alive():
+                worker.terminate()
+            worker.join()
+    failed = [worker.name for worker in workers if worker.exitcode != 0]
+    if failed:
+        raise RuntimeError(f"training failed in {', '.join(failed)}; see the log above")
+
+
+def train(data_path: Path, settings: TrainSettings, workdir: Path) -> tuple[keras.Model, EpochLog]:
+    """Fit `members` networks from consecutive seeds in parallel workers; average several."""
+    processes, threads = worker_layout(settings.members, len(os.sched_getaffinity(0)))
+    log.info(
+        "training %d member(s), %d at a time with %d thread(s) each",
+        settings.members,
+        processes,
+        threads,
+    )
+    context = multiprocessing.get_context("spawn")  # TensorFlow does not survive a fork
+    queue = context.Queue()
+    epochs = EpochLog(settings.epochs)
+    paths = [workdir / f"member_{member}.keras" for member in range(1, settings.members + 1)]
+    for first in range(0, settings.members, processes):
+        wave = [
+            context.Process(
+                target=fit_member_in_worker,
+                args=(data_path, settings, member, threads, queue, paths[member - 1]),
+                name=f"member {member}",
+            )
+            for member in range(first + 1, min(first + processes, settings.members) + 1)
+        ]
+        run_workers(wave, queue, epochs)
+    members = [keras.saving.load_model(path) for path in paths]
     model = members[0] if len(members) == 1 else build_ensemble(members)
-    return model, logger
+    return model, epochs
+
+
+def drain(queue: Queue, epochs: EpochLog, wait: float) -> None:
+    """Record every epoch report waiting in the queue, waiting up to `wait` s for the first."""
+    try:
+        epochs.record(queue.get(timeout=wait) if wait else queue.get_nowait())
+        while True:
+            epochs.record(queue.get_nowait())
+    except queue_module.Empty:
+        pass
 
 
 def validation_scores(model: keras.Model, data: dict[str, np.ndarray]) -> dict[str, float]:
@@ -275,7 +369,8 @@ def main() -> None:
         mlflow.log_params(tracking.flatten(params))
         mlflow.set_tags(tracking.lineage_tags(data_hash))
         started = time.perf_counter()
-        model, logger = train(data, settings)
+        with tempfile.TemporaryDirectory() as workdir:
+            model, epochs = train(args.data, settings, Path(workdir))
         seconds = time.perf_counter() - started
         images = settings.members * settings.epochs * training_count(data, settings)
         summary = {
@@ -296,7 +391,7 @@ def main() -> None:
         args.model.parent.mkdir(parents=True, exist_ok=True)
         model.save(args.model)
         tracking.log_keras_model(model, data["x_val"][:2])
-        tracking.write_csv(logger.history, args.history)
+        tracking.write_csv(epochs.history, args.history)
         args.metrics.parent.mkdir(parents=True, exist_ok=True)
         args.metrics.write_text(json.dumps(summary, indent=2) + "\n")
     log.info(

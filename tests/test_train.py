@@ -8,7 +8,13 @@ import pytest
 import tensorflow as tf
 
 from pipelines.model import build_model
-from pipelines.train import TrainSettings, random_affine, random_thickness, training_dataset
+from pipelines.train import (
+    TrainSettings,
+    random_affine,
+    random_thickness,
+    training_dataset,
+    worker_layout,
+)
 from tests.helpers import fast_params
 
 
@@ -76,3 +82,11 @@ def test_model_maps_images_to_ten_probabilities():
 def test_model_builder_rejects_bad_hyper_parameters(filters, dropout):
     with pytest.raises(ValueError):
         build_model(filters, dropout)
+
+
+@pytest.mark.parametrize(
+    "members, cores, layout",
+    [(1, 2, (1, 2)), (2, 2, (2, 1)), (3, 2, (2, 1)), (4, 8, (4, 2)), (1, 1, (1, 1))],
+)
+def test_members_train_side_by_side_one_per_core(members, cores, layout):
+    assert worker_layout(members, cores) == layout
