@@ -13,14 +13,19 @@ import contextlib
 import http.client
 import io
 import json
+import os
 import socket
+import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
 import httpx
 import pytest
+import yaml
 from PIL import Image
+
+from tests.helpers import REPO as REPO_ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -200,3 +205,40 @@ def test_server_stays_healthy_after_abuse(live_service, canvas):
     assert httpx.get(f"{live_service}/livez", timeout=5).status_code == 200
     response = httpx.post(f"{live_service}/predict", json={"image": canvas[0]}, timeout=10)
     assert response.json()["digit"] == canvas[1]
+
+
+def test_bento_builds_with_code_page_model_pinned_packages_and_a_dockerfile(bentoml_home):
+    """`bentoml build` packs what `bentoml containerize` and `docker run` need, pinned as locked."""
+    built = subprocess.run(
+        [str(REPO_ROOT / ".venv" / "bin" / "bentoml"), "build", "-o", "tag"],
+        cwd=REPO_ROOT,
+        env={**os.environ, "BENTOML_HOME": str(bentoml_home), "BENTOML_DO_NOT_TRACK": "True"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert built.returncode == 0, built.stderr[-2000:]
+    tag = built.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
+    name, version = tag.split(":")
+    bento = bentoml_home / "bentos" / name / version
+    for packed in (
+        "env/docker/Dockerfile",
+        "src/service/service.py",
+        "src/pipelines/preprocessing.py",
+        "src/web/index.html",
+        "src/web/app.js",
+    ):
+        assert (bento / packed).is_file(), packed
+    # BentoML 1.4 records the model by tag and adds it from the store when containerizing.
+    manifest = yaml.safe_load((bento / "bento.yaml").read_text())
+    models = [model["tag"] for service in manifest["services"] for model in service["models"]]
+    assert [tag.split(":")[0] for tag in models] == ["digits-cnn"]
+    locked = dict(
+        line.split("==")
+        for line in (REPO_ROOT / "requirements.lock").read_text().splitlines()
+        if "==" in line and not line.startswith("#")
+    )
+    bentofile = yaml.safe_load((REPO_ROOT / "bentofile.yaml").read_text())
+    for pin in bentofile["python"]["packages"]:
+        package, pinned = pin.split("==")
+        assert locked[package] == pinned, f"{package}: bentofile {pinned}, lock {locked[package]}"
