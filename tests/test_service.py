@@ -337,28 +337,28 @@ STROKE[10:50, 27:34] = 255  # a "1", light on dark
 
 
 @pytest.mark.parametrize(
-    ("data", "status"),
+    ("data", "refusal"),
     [
-        (encoded(Image.new("L", (1, 1)), "PNG"), 422),
-        (encoded(Image.new("L", (1, 4_000_000)), "PNG"), 422),
-        (encoded(Image.fromarray(STROKE.astype(np.uint16) * 257), "PNG"), 200),
-        (encoded(Image.fromarray(STROKE).convert("P"), "PNG", transparency=0), 200),
-        (encoded(Image.fromarray(np.dstack([255 - STROKE, STROKE]), "LA"), "PNG"), 200),
-        (encoded(Image.fromarray(STROKE).convert("CMYK"), "JPEG"), 200),
-        (encoded(Image.fromarray(STROKE).convert("1"), "PNG"), 200),
-        (encoded(Image.fromarray(STROKE), "WEBP"), 200),
-        (encoded(Image.fromarray(STROKE), "BMP"), 200),
-        (encoded(Image.fromarray(STROKE), "ICO"), 422),
+        (encoded(Image.new("L", (1, 1)), "PNG"), "no_digit"),
+        (encoded(Image.new("L", (1, 4_000_000)), "PNG"), "no_digit"),
+        (encoded(Image.fromarray(STROKE.astype(np.uint16) * 257), "PNG"), None),
+        (encoded(Image.fromarray(STROKE).convert("P"), "PNG", transparency=0), None),
+        (encoded(Image.fromarray(np.dstack([255 - STROKE, STROKE]), "LA"), "PNG"), None),
+        (encoded(Image.fromarray(STROKE).convert("CMYK"), "JPEG"), None),
+        (encoded(Image.fromarray(STROKE).convert("1"), "PNG"), None),
+        (encoded(Image.fromarray(STROKE), "WEBP"), None),
+        (encoded(Image.fromarray(STROKE), "BMP"), None),
+        (encoded(Image.fromarray(STROKE), "ICO"), "unsupported_format"),
     ],
     ids=["1x1", "1x4M", "16-bit", "palette", "gray-alpha", "cmyk", "1-bit", "webp", "bmp", "ico"],
 )
-def test_unusual_images_get_an_answer_or_a_refusal(client, data, status):
+def test_unusual_images_get_an_answer_or_a_refusal(client, data, refusal):
     response = predict(client, b64(data))
-    if status == 200:
+    if refusal is None:
         assert response.status_code == 200, response.text
         assert response.json()["digit"] == 1
     else:
-        assert_refusal(response, 422, response.json().get("reason", "?"))
+        assert_refusal(response, 422, refusal)
 
 
 def test_tiff_is_an_unsupported_format(client):

@@ -3,19 +3,26 @@ stream, and a model builder that checks its arguments."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import keras
+import mlflow
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from pipelines.download import load_prepared, read_split
 from pipelines.model import build_model
+from pipelines.preprocessing import as_batch
 from pipelines.train import (
     TrainSettings,
     random_affine,
     random_thickness,
+    train,
     training_dataset,
     worker_layout,
 )
-from tests.helpers import fast_params
+from tests.helpers import SHARED_MNIST, fast_params
 
 
 def settings(**overrides) -> TrainSettings:
@@ -90,3 +97,42 @@ def test_model_builder_rejects_bad_hyper_parameters(filters, dropout):
 )
 def test_members_train_side_by_side_one_per_core(members, cores, layout):
     assert worker_layout(members, cores) == layout
+
+
+def small_prepared_split(folder: Path) -> Path:
+    """A prepared-data file like the download stage's, cut to 2,000 training images."""
+    x, y = read_split(SHARED_MNIST, "t10k")
+    path = folder / "mnist.npz"
+    np.savez(path, x_train=x[:2000], y_train=y[:2000], x_val=x[2000:2500], y_val=y[2000:2500])
+    return path
+
+
+@pytest.fixture
+def tracking(tmp_path):
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with mlflow.start_run():
+        yield
+    mlflow.set_tracking_uri(previous)
+
+
+@pytest.mark.slow
+def test_members_train_in_parallel_workers_and_the_model_averages_them(tmp_path, tracking):
+    data = small_prepared_split(tmp_path)
+    model, epochs = train(data, settings(members=2, epochs=1, batch_size=100), tmp_path)
+
+    members = [layer for layer in model.layers if isinstance(layer, keras.Model)]
+    assert [member.name for member in members] == ["member_1", "member_2"]
+    images = as_batch(load_prepared(data)["x_val"][:16].astype(np.float32) / 255.0)
+    first, second = (member(images).numpy() for member in members)
+    assert not np.allclose(first, second)  # seeds seed and seed + 1 give different networks
+    np.testing.assert_allclose(model(images).numpy(), (first + second) / 2, atol=1e-6)
+    assert [(row["member"], row["epoch"]) for row in epochs.history] == [(1, 1), (2, 2)]
+
+
+@pytest.mark.slow
+def test_a_member_that_fails_stops_training_with_an_error(tmp_path, tracking):
+    data = small_prepared_split(tmp_path)
+    broken = settings(members=2, epochs=1, filters=(0, 8, 16))  # rejected inside each worker
+    with pytest.raises(RuntimeError, match="training failed in member 1, member 2"):
+        train(data, broken, tmp_path)
