@@ -111,7 +111,9 @@ def small_prepared_split(folder: Path) -> Path:
 def tracking(tmp_path):
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    with mlflow.start_run():
+    # Its own experiment: another test may have left a different active one in this process.
+    experiment = mlflow.MlflowClient().create_experiment("train-test")
+    with mlflow.start_run(experiment_id=experiment):
         yield
     mlflow.set_tracking_uri(previous)
 
