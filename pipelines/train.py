@@ -222,7 +222,7 @@ def fit_member(
     x_train, y_train = training_images(data, settings)
     steps_per_epoch = len(x_train) // settings.batch_size
     x_val, y_val = validation_split(data)
-    model = build_model(settings.filters, settings.dropout, name=name)
+    model = build_model(settings.filters, settings.dropout, name=name, fused=True)
     model.compile(
         optimizer=keras.optimizers.AdamW(
             learning_rate=learning_rate_schedule(settings, steps_per_epoch),
@@ -249,7 +249,17 @@ def fit_member(
         callbacks=[reporter],
         verbose=2,
     )
-    return model  # with EMA on, fit() has already swapped in the averaged weights
+    return with_stock_layers(model, settings)
+
+
+def with_stock_layers(trained: keras.Model, settings: TrainSettings) -> keras.Model:
+    """The trained weights in the stock-layer model that is saved, evaluated and served.
+
+    With EMA on, fit() has already swapped the averaged weights into `trained`.
+    """
+    model = build_model(settings.filters, settings.dropout, name=trained.name)
+    model.set_weights(trained.get_weights())
+    return model
 
 
 def fit_member_in_worker(

@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 
 from pipelines.download import load_prepared, read_split
-from pipelines.model import build_model
+from pipelines.model import FusedBatchNormalization, build_model
 from pipelines.preprocessing import as_batch
 from pipelines.train import (
     TrainSettings,
@@ -20,6 +20,7 @@ from pipelines.train import (
     random_thickness,
     train,
     training_dataset,
+    with_stock_layers,
     worker_layout,
 )
 from tests.helpers import SHARED_MNIST, fast_params
@@ -83,6 +84,36 @@ def test_model_maps_images_to_ten_probabilities():
     probabilities = model(np.zeros((3, 28, 28, 1), dtype=np.float32)).numpy()
     assert probabilities.shape == (3, 10)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_fused_batch_norm_trains_like_the_stock_layer_and_hands_over_its_weights():
+    """The fast training variant must learn what the stock (saved) model would learn."""
+    images = np.random.default_rng(1).random((32, 28, 28, 1), dtype=np.float32)
+    labels = keras.utils.to_categorical(np.arange(32) % 10, 10)
+    keras.utils.set_random_seed(3)
+    stock = build_model((4, 8, 16), 0.0)
+    fused = build_model((4, 8, 16), 0.0, fused=True)
+    fused.set_weights(stock.get_weights())
+
+    def loss_and_gradients(model: keras.Model) -> tuple[float, list[np.ndarray]]:
+        with tf.GradientTape() as tape:
+            loss = keras.losses.categorical_crossentropy(labels, model(images, training=True))
+            loss = tf.reduce_mean(loss)
+        return float(loss), [g.numpy() for g in tape.gradient(loss, model.trainable_weights)]
+
+    stock_loss, stock_gradients = loss_and_gradients(stock)
+    fused_loss, fused_gradients = loss_and_gradients(fused)
+    assert fused_loss == pytest.approx(stock_loss, rel=1e-5)
+    for expected, actual in zip(stock_gradients, fused_gradients, strict=True):
+        # Float round-off can flip a few ReLU gates, hence a tolerance relative to the largest.
+        np.testing.assert_allclose(actual, expected, atol=2e-3 * np.abs(expected).max())
+    moving_statistics = zip(stock.non_trainable_weights, fused.non_trainable_weights, strict=True)
+    for expected, actual in moving_statistics:
+        np.testing.assert_allclose(actual.numpy(), expected.numpy(), rtol=1e-3)
+
+    handed_over = with_stock_layers(fused, settings(filters=[4, 8, 16], dropout=0.0))
+    assert not any(isinstance(layer, FusedBatchNormalization) for layer in handed_over.layers)
+    np.testing.assert_allclose(handed_over(images).numpy(), fused(images).numpy(), atol=1e-6)
 
 
 @pytest.mark.parametrize("filters, dropout", [((4, 8), 0.1), ((0, 8, 16), 0.1), ((4, 8, 16), 1.0)])
