@@ -10,7 +10,8 @@ Run with `python -m pipelines.package` (the last stage of `dvc repro`). It
    `package.min_test_accuracy`, and no worse than the current champion beyond
    `package.tolerance`;
 4. imports the champion into the local BentoML store as `digits-cnn:v<version>-<run>`, which
-   `bentoml serve` then loads as `digits-cnn:latest`;
+   `bentoml serve` then loads as `digits-cnn:latest`: the Keras file plus its LiteRT conversion
+   (`model.tflite`, what the service runs), checked to give the same probabilities;
 5. writes `reports/package.json` naming the run, the version and the BentoML tag.
 
 Roll back by promoting an earlier registry version (no gate, it is a human decision):
@@ -21,6 +22,8 @@ Roll back by promoting an earlier registry version (no gate, it is a human decis
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import logging
 import shutil
@@ -31,20 +34,24 @@ from pathlib import Path
 
 import bentoml
 import mlflow
+import numpy as np
 from mlflow.entities import Run
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipelines import tracking
-from pipelines.download import file_md5
-from pipelines.preprocessing import PREPROCESSING_VERSION
+from pipelines.download import file_md5, load_prepared
+from pipelines.preprocessing import INPUT_SHAPE, PREPROCESSING_VERSION, as_batch
+from service.runtime import SERVING_MODEL_FILE, LiteRTModel
 
 log = logging.getLogger("package")
 
 CHAMPION = "champion"
 BENTO_MODEL = tracking.REGISTERED_MODEL
 BENTO_MODEL_FILE = "model.keras"
+MAX_SERVING_DIFFERENCE = 1e-4  # LiteRT against Keras, in probability; float32 round-off is ~1e-6
+PROBE_IMAGES = 256  # validation images on which the two must agree
 
 
 class PackageError(Exception):
@@ -135,18 +142,47 @@ def download_model_file(version: ModelVersion, folder: Path) -> Path:
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(folder)))
 
 
-def import_to_bentoml(version: ModelVersion, run: Run) -> str:
-    """Put the registry version into the BentoML store as the latest `digits-cnn`; idempotent."""
+def export_for_serving(keras_file: Path, litert_file: Path, probe_images: np.ndarray) -> float:
+    """Convert the Keras model to the LiteRT file the service runs; check both agree.
+
+    Returns the largest difference in probability over `probe_images` ((N, 28, 28) in [0, 1]);
+    raises PackageError when it exceeds MAX_SERVING_DIFFERENCE.
+    """
+    import keras
+
+    model = keras.saving.load_model(keras_file, compile=False)
+    signature = [keras.InputSpec(shape=(None, *INPUT_SHAPE), dtype="float32")]
+    with contextlib.redirect_stdout(io.StringIO()):  # Keras prints the path it saved to
+        model.export(str(litert_file), format="litert", input_signature=signature)
+    expected = np.asarray(model(as_batch(probe_images), training=False))
+    served = LiteRTModel(str(litert_file), threads=1)(probe_images)
+    difference = float(np.abs(served - expected).max())
+    if not difference <= MAX_SERVING_DIFFERENCE:
+        raise PackageError(
+            f"the LiteRT model differs from the Keras model by {difference:.2e} in probability"
+        )
+    return difference
+
+
+def is_servable(model: bentoml.Model) -> bool:
+    return Path(model.path_of(SERVING_MODEL_FILE)).is_file()
+
+
+def import_to_bentoml(version: ModelVersion, run: Run, probe_images: np.ndarray) -> str:
+    """Put the registry version into the BentoML store as the latest `digits-cnn`; idempotent.
+
+    The entry holds the Keras file and its LiteRT conversion, which the service runs.
+    """
     tag = bento_tag(version)
     try:
         existing = bentoml.models.get(tag)
     except bentoml.exceptions.NotFound:
         existing = None
     if existing is not None:
-        if str(bentoml.models.get(f"{BENTO_MODEL}:latest").tag) == tag:
+        latest = str(bentoml.models.get(f"{BENTO_MODEL}:latest").tag) == tag
+        if latest and is_servable(existing):
             log.info("BentoML store already serves %s", tag)
             return tag
-        bentoml.models.delete(tag)  # re-created below so that it becomes `latest` again
     metrics, tags = run.data.metrics, run.data.tags
     metadata = {
         "mlflow_run_id": run.info.run_id,
@@ -161,12 +197,23 @@ def import_to_bentoml(version: ModelVersion, run: Run) -> str:
     }
     metadata = {key: value for key, value in metadata.items() if value is not None}
     labels = {"registry_version": str(version.version), "stage": CHAMPION}
-    with (
-        tempfile.TemporaryDirectory() as folder,
-        bentoml.models.create(tag, labels=labels, metadata=metadata) as ref,
-    ):
-        shutil.copyfile(download_model_file(version, Path(folder)), ref.path_of(BENTO_MODEL_FILE))
-    log.info("imported registry version %s into the BentoML store as %s", version.version, tag)
+    with tempfile.TemporaryDirectory() as folder:
+        keras_file = download_model_file(version, Path(folder))
+        litert_file = Path(folder) / SERVING_MODEL_FILE
+        difference = export_for_serving(keras_file, litert_file, probe_images)
+        if existing is not None:
+            # Re-created so that it becomes `latest` again, or gains the LiteRT file that
+            # entries packaged by older code lack; only once the new files are ready.
+            bentoml.models.delete(tag)
+        with bentoml.models.create(tag, labels=labels, metadata=metadata) as ref:
+            shutil.copyfile(keras_file, ref.path_of(BENTO_MODEL_FILE))
+            shutil.copyfile(litert_file, ref.path_of(SERVING_MODEL_FILE))
+    log.info(
+        "imported registry version %s into the BentoML store as %s (LiteRT within %.1e)",
+        version.version,
+        tag,
+        difference,
+    )
     return tag
 
 
@@ -231,6 +278,11 @@ def main() -> None:
 
     champion = current_champion(client)
     run = client.get_run(champion.run_id)
+    probe_images = load_prepared(args.data)["x_val"][:PROBE_IMAGES] / 255.0
+    try:
+        bentoml_tag = import_to_bentoml(champion, run, probe_images)
+    except PackageError as error:
+        raise SystemExit(f"package: {error}") from None
     report = {
         **outcome,
         "registered_model": tracking.REGISTERED_MODEL,
@@ -238,7 +290,7 @@ def main() -> None:
         "run_id": champion.run_id,
         "val_accuracy": run.data.metrics.get("val_accuracy"),
         "test_accuracy": run.data.metrics.get("test_accuracy"),
-        "bentoml_tag": import_to_bentoml(champion, run),
+        "bentoml_tag": bentoml_tag,
     }
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.write_text(json.dumps(report, indent=2) + "\n")

@@ -150,17 +150,28 @@ def learning_rate_schedule(settings: TrainSettings, steps_per_epoch: int):
 
 
 class EpochReporter(keras.callbacks.Callback):
-    """Inside a worker: send each epoch's metrics to the parent process, which logs them."""
+    """Inside a worker: send each epoch's metrics to the parent, then save the model and say so.
 
-    def __init__(self, queue: Queue, member: int) -> None:
+    The model is saved from `on_train_end`, when fit() has swapped in the averaged weights but
+    not yet torn down its input pipeline: that teardown took 15-55 s here with both cores busy,
+    and the parent need not wait for it (it stops a worker once the worker reports done).
+    """
+
+    def __init__(self, queue: Queue, member: int, settings: TrainSettings, out: Path) -> None:
         super().__init__()
         self.queue = queue
         self.member = member
+        self.settings = settings
+        self.out = out
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         metrics = {name: float(value) for name, value in (logs or {}).items()}
         metrics.pop("learning_rate", None)
         self.queue.put({"member": self.member, "epoch": epoch + 1, **metrics})
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        with_stock_layers(self.model, self.settings).save(self.out)
+        self.queue.put({"member": self.member, "done": True})
 
 
 class EpochLog:
@@ -216,8 +227,11 @@ def validation_split(data: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarra
 
 def fit_member(
     data: dict[str, np.ndarray], settings: TrainSettings, name: str, reporter: EpochReporter
-) -> keras.Model:
-    """Fit one network from its own seed on the training split, watching the validation split."""
+) -> None:
+    """Fit one network from its own seed on the training split, watching the validation split.
+
+    The reporter saves the trained model at the end.
+    """
     keras.utils.set_random_seed(settings.seed)
     x_train, y_train = training_images(data, settings)
     steps_per_epoch = len(x_train) // settings.batch_size
@@ -249,14 +263,10 @@ def fit_member(
         callbacks=[reporter],
         verbose=2,
     )
-    return with_stock_layers(model, settings)
 
 
 def with_stock_layers(trained: keras.Model, settings: TrainSettings) -> keras.Model:
-    """The trained weights in the stock-layer model that is saved, evaluated and served.
-
-    With EMA on, fit() has already swapped the averaged weights into `trained`.
-    """
+    """The trained weights in the stock-layer model that is saved, evaluated and served."""
     model = build_model(settings.filters, settings.dropout, name=trained.name)
     model.set_weights(trained.get_weights())
     return model
@@ -271,9 +281,8 @@ def fit_member_in_worker(
     tf.config.threading.set_inter_op_parallelism_threads(threads)
     tf.config.experimental.enable_op_determinism()
     member_settings = dataclasses.replace(settings, seed=settings.seed + member - 1)
-    reporter = EpochReporter(queue, member)
-    model = fit_member(load_prepared(data_path), member_settings, f"member_{member}", reporter)
-    model.save(out)
+    reporter = EpochReporter(queue, member, member_settings, out)
+    fit_member(load_prepared(data_path), member_settings, f"member_{member}", reporter)
 
 
 def worker_layout(members: int, cores: int) -> tuple[int, int]:
@@ -286,20 +295,30 @@ def worker_layout(members: int, cores: int) -> tuple[int, int]:
     return processes, max(1, cores // processes)
 
 
-def run_workers(workers: list[multiprocessing.Process], queue: Queue, epochs: EpochLog) -> None:
-    """Run worker processes to the end, logging their epochs; stop them all if anything fails."""
+def run_workers(
+    workers: dict[int, multiprocessing.Process], queue: Queue, epochs: EpochLog
+) -> None:
+    """Run members' workers until each has saved its model; stop them all if anything fails.
+
+    A worker that reported done is only tearing down TensorFlow, so it is stopped, not awaited.
+    """
+    done: set[int] = set()
+
+    def running() -> bool:
+        return any(worker.is_alive() for m, worker in workers.items() if m not in done)
+
     try:
-        for worker in workers:
+        for worker in workers.values():
             worker.start()
-        while any(worker.is_alive() for worker in workers):
-            drain(queue, epochs, wait=1.0)
-        drain(queue, epochs, wait=0.0)
+        while running():
+            done |= drain(queue, epochs, wait=1.0)
+        done |= drain(queue, epochs, wait=0.0)
     finally:
-        for worker in workers:
+        for worker in workers.values():
             if worker.is_alive():
                 worker.terminate()
             worker.join()
-    failed = [worker.name for worker in workers if worker.exitcode != 0]
+    failed = [worker.name for member, worker in workers.items() if member not in done]
     if failed:
         raise RuntimeError(f"training failed in {', '.join(failed)}; see the log above")
 
@@ -318,28 +337,37 @@ def train(data_path: Path, settings: TrainSettings, workdir: Path) -> tuple[kera
     epochs = EpochLog(settings.epochs)
     paths = [workdir / f"member_{member}.keras" for member in range(1, settings.members + 1)]
     for first in range(0, settings.members, processes):
-        wave = [
-            context.Process(
+        wave = {
+            member: context.Process(
                 target=fit_member_in_worker,
                 args=(data_path, settings, member, threads, queue, paths[member - 1]),
                 name=f"member {member}",
             )
             for member in range(first + 1, min(first + processes, settings.members) + 1)
-        ]
+        }
         run_workers(wave, queue, epochs)
     members = [keras.saving.load_model(path) for path in paths]
     model = members[0] if len(members) == 1 else build_ensemble(members)
     return model, epochs
 
 
-def drain(queue: Queue, epochs: EpochLog, wait: float) -> None:
-    """Record every epoch report waiting in the queue, waiting up to `wait` s for the first."""
+def drain(queue: Queue, epochs: EpochLog, wait: float) -> set[int]:
+    """Record every report waiting in the queue, waiting up to `wait` s for the first.
+
+    Returns the members that reported done (their model is saved).
+    """
+    done: set[int] = set()
     try:
-        epochs.record(queue.get(timeout=wait) if wait else queue.get_nowait())
+        report = queue.get(timeout=wait) if wait else queue.get_nowait()
         while True:
-            epochs.record(queue.get_nowait())
+            if report.get("done"):
+                done.add(int(report["member"]))
+            else:
+                epochs.record(report)
+            report = queue.get_nowait()
     except queue_module.Empty:
         pass
+    return done
 
 
 def validation_scores(model: keras.Model, data: dict[str, np.ndarray]) -> dict[str, float]:

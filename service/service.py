@@ -8,14 +8,14 @@
 Routes: POST /predict, POST /predict_batch, GET /info, the page (web/) at /, and BentoML's
 /livez, /readyz and /metrics. Every refusal is JSON `{"error", "reason"}` (see errors.py and
 guard.py); the limits are in settings.py. The model is the newest `digits-cnn` in the BentoML
-store, compiled once at start-up and called through a micro-batcher (batcher.py).
+store, run on LiteRT (runtime.py, no TensorFlow in the server) through a micro-batcher
+(batcher.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -29,19 +29,19 @@ from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from pipelines.preprocessing import INPUT_SHAPE, PREPROCESSING_VERSION, ImageError, as_batch
+from pipelines.preprocessing import PREPROCESSING_VERSION, ImageError
 from service import metrics
 from service.batcher import MicroBatcher
 from service.errors import RequestError, error_body, error_response
 from service.guard import RequestGuard
 from service.images import read_image
+from service.runtime import SERVING_MODEL_FILE, load_model
 from service.settings import Settings
 
 log = logging.getLogger("bentoml.digits")  # under BentoML's logger: `bentoml serve` shows it
 
 SETTINGS = Settings.from_env()
 WEB_DIR = Path(__file__).resolve().parents[1] / "web"
-MODEL_FILE = "model.keras"
 # An MNIST test digit (a 3, dark on white, 28x28 PNG) so the API page can be tried at once.
 EXAMPLE_IMAGE = (
     "data:image/png;base64,"
@@ -143,7 +143,9 @@ class Digits:
             "trained_at": metadata.get("trained_at"),
             "preprocessing_version": metadata.get("preprocessing_version"),
         }
-        self.infer = compile_model(stored.path_of(MODEL_FILE), SETTINGS)
+        self.infer = load_model(
+            stored.path_of(SERVING_MODEL_FILE), SETTINGS.model_threads, SETTINGS.warmup_batch_sizes
+        )
         self.batcher = MicroBatcher(
             self.infer,
             max_batch=SETTINGS.max_model_batch,
@@ -221,49 +223,6 @@ class Digits:
     async def close(self) -> None:
         await self.batcher.close()
         self.decoders.shutdown(wait=False)
-
-
-def compile_model(path: str, settings: Settings):
-    """Load the Keras model and return a compiled (N, 28, 28) -> (N, 10) numpy function.
-
-    `model.predict` builds a data pipeline on every call (~40 ms); a tf.function with a fixed
-    input signature is traced once here and then costs under 1 ms per call for one image
-    (0.9 ms for the default two networks).
-    """
-    started = time.perf_counter()
-    import keras
-    import tensorflow as tf
-
-    imported = time.perf_counter()
-    if settings.tf_threads:
-        try:
-            tf.config.threading.set_intra_op_parallelism_threads(settings.tf_threads)
-            tf.config.threading.set_inter_op_parallelism_threads(settings.tf_threads)
-        except RuntimeError:  # TensorFlow already ran in this process (e.g. in tests)
-            log.warning("TensorFlow is already initialised; keeping its thread settings")
-    model = keras.saving.load_model(path, compile=False)
-
-    @tf.function(input_signature=[tf.TensorSpec((None, *INPUT_SHAPE), tf.float32)])
-    def probabilities(images: tf.Tensor) -> tf.Tensor:
-        return model(images, training=False)
-
-    # Calling the traced graph directly skips the signature matching of every call (~0.1 ms).
-    compiled = probabilities.get_concrete_function()
-
-    def infer(images: np.ndarray) -> np.ndarray:
-        return compiled(tf.convert_to_tensor(as_batch(images))).numpy()
-
-    loaded = time.perf_counter()
-    for size in settings.warmup_batch_sizes:
-        infer(np.zeros((size, *INPUT_SHAPE[:2]), dtype=np.float32))
-    log.info(
-        "model ready in %.1f s: TensorFlow import %.1f s, load %.1f s, compile and warm-up %.1f s",
-        time.perf_counter() - started,
-        imported - started,
-        loaded - imported,
-        time.perf_counter() - loaded,
-    )
-    return infer
 
 
 Digits.add_asgi_middleware(

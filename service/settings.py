@@ -31,7 +31,7 @@ class Settings:
     # Batching: requests that arrive while the model is busy join its next call.
     max_model_batch: int = 64  # images per model call
     batch_wait_ms: float = 0.0  # extra wait for company before a call; 0 = never wait
-    tf_threads: int = 1  # TensorFlow intra-op threads; 1 leaves a core for HTTP and decoding
+    model_threads: int = 1  # cores the model uses; 1 leaves a core for HTTP and decoding
     warmup_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
 
     def __post_init__(self) -> None:
@@ -42,7 +42,15 @@ class Settings:
                 raise ValueError(f"{ENV_PREFIX}{field.name.upper()} must not be negative")
         if min(self.max_body_bytes, self.max_batch_images, self.max_image_pixels) < 1:
             raise ValueError("limits must be at least 1")
-        if min(self.max_concurrency, self.preprocess_threads, self.max_model_batch) < 1:
+        if (
+            min(
+                self.max_concurrency,
+                self.preprocess_threads,
+                self.max_model_batch,
+                self.model_threads,
+            )
+            < 1
+        ):
             raise ValueError("concurrency, threads and batch size must be at least 1")
 
     @classmethod

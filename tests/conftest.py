@@ -67,7 +67,7 @@ _TEMP_ROOT = pytest.StashKey[Path]()
 def save_test_model(epochs: int = 2, train_images: int = 20_000) -> str:
     """Train a small real CNN on MNIST and save it to the BentoML store as `digits-cnn`.
 
-    A stand-in for the `package` stage: same file name, same metadata keys, a model good enough
+    A stand-in for the `package` stage: same files, same metadata keys, a model good enough
     (~97% on the test set) to read rendered MNIST digits correctly. Returns the model's tag.
     Swap the body for the real fast pipeline when it exists.
     """
@@ -76,6 +76,7 @@ def save_test_model(epochs: int = 2, train_images: int = 20_000) -> str:
 
     from pipelines.download import read_split
     from pipelines.model import build_model
+    from pipelines.package import export_for_serving
     from pipelines.preprocessing import PREPROCESSING_VERSION, as_batch
 
     keras.utils.set_random_seed(0)
@@ -106,6 +107,9 @@ def save_test_model(epochs: int = 2, train_images: int = 20_000) -> str:
         name="digits-cnn", labels={"stage": "test"}, metadata=metadata
     ) as ref:
         model.save(ref.path_of("model.keras"))
+        export_for_serving(
+            Path(ref.path_of("model.keras")), Path(ref.path_of("model.tflite")), images[:64] / 255
+        )
     log.info("saved %s (val accuracy %.4f)", ref.tag, val_accuracy)
     return str(ref.tag)
 

@@ -17,9 +17,10 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from pipelines import tracking
-from pipelines.download import file_md5
-from pipelines.preprocessing import INPUT_SHAPE
-from tests.helpers import REPO
+from pipelines.download import file_md5, read_split
+from pipelines.preprocessing import INPUT_SHAPE, as_batch
+from service.runtime import LiteRTModel
+from tests.helpers import REPO, SHARED_MNIST
 
 pytestmark = pytest.mark.slow
 
@@ -29,8 +30,8 @@ class Store:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.data = root / "mnist.npz"
-        self.data.write_bytes(b"stand-in for the prepared data")
+        self.data = root / "mnist.npz"  # like the download stage's; the stage reads x_val
+        np.savez(self.data, x_val=read_split(SHARED_MNIST, "t10k")[0][:300])
         self.params = root / "params.yaml"
         params = yaml.safe_load((REPO / "params.yaml").read_text())
         params["package"] = {"min_test_accuracy": 0.9, "tolerance": 0.001}
@@ -82,6 +83,10 @@ class Store:
     def bento_models(self) -> list[dict]:
         return json.loads(self.bentoml("models", "list", "-o", "json"))
 
+    def bento_model_folder(self, tag: str) -> Path:
+        name, version = tag.split(":")
+        return self.root / "bentoml" / "models" / name / version
+
 
 @pytest.fixture
 def store(tmp_path, monkeypatch) -> Store:
@@ -103,6 +108,25 @@ def test_best_validation_run_becomes_champion_once_and_reaches_bentoml(store):
     [model] = store.bento_models()
     assert model["tag"] == report["bentoml_tag"]
     assert best in store.bentoml("models", "get", "digits-cnn:latest")
+
+
+def test_the_service_gets_a_litert_model_that_answers_like_the_keras_one(store):
+    store.log_run(val=0.990, test=0.995)
+    result = store.package()
+    assert result.returncode == 0, result.stderr
+    folder = store.bento_model_folder(store.report()["bentoml_tag"])
+    images = read_split(SHARED_MNIST, "t10k")[0][:64] / 255.0
+    expected = keras.saving.load_model(folder / "model.keras")(as_batch(images)).numpy()
+    served = LiteRTModel(str(folder / "model.tflite"), threads=1)(images)
+    np.testing.assert_allclose(served, expected, atol=1e-5)
+    assert served.argmax(axis=1).tolist() == expected.argmax(axis=1).tolist()
+
+    # An entry packaged before the service ran LiteRT gets its LiteRT file on the next run.
+    (folder / "model.tflite").unlink()
+    result = store.package()
+    assert result.returncode == 0, result.stderr
+    assert (folder / "model.tflite").is_file()
+    assert len(store.bento_models()) == 1
 
 
 def test_gate_moves_champion_only_for_a_model_that_is_not_worse_and_rollback_undoes_it(store):

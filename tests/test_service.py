@@ -15,6 +15,8 @@ import io
 import json
 import shutil
 import struct
+import subprocess
+import sys
 import time
 import zlib
 from collections.abc import Iterator
@@ -30,6 +32,7 @@ from pipelines.preprocessing import PREPROCESSING_VERSION
 from service.batcher import MicroBatcher
 from service.service import SETTINGS, Digits
 from service.settings import Settings
+from tests.helpers import REPO
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DIGITS_TO_READ = 30  # rendered MNIST test digits; the small test model reads ~97% of them
@@ -472,10 +475,28 @@ def test_service_refuses_a_model_from_other_preprocessing(bentoml_home, monkeypa
     current = bentoml.models.get("digits-cnn:latest")
     metadata = {**current.info.metadata, "preprocessing_version": "an-older-version"}
     with bentoml.models.create(name="digits-cnn-stale", metadata=metadata) as ref:
-        shutil.copy(current.path_of("model.keras"), ref.path_of("model.keras"))
+        for name in ("model.keras", "model.tflite"):
+            shutil.copy(current.path_of(name), ref.path_of(name))
     monkeypatch.setattr(Digits.inner, "model_ref", bentoml.models.BentoModel(ref.tag))
     with pytest.raises(RuntimeError, match="an-older-version"):
         Digits.inner()
+
+
+def test_the_server_starts_without_tensorflow(bentoml_home):
+    """TensorFlow's import alone takes seconds and hundreds of MB; the service never needs it."""
+    script = (
+        "import sys; from service.service import Digits; Digits.inner(); "
+        "print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert result.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_service_says_which_model_is_missing(bentoml_home, monkeypatch):

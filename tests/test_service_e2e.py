@@ -224,6 +224,7 @@ def test_bento_builds_with_code_page_model_pinned_packages_and_a_dockerfile(bent
     for packed in (
         "env/docker/Dockerfile",
         "src/service/service.py",
+        "src/service/runtime.py",
         "src/pipelines/preprocessing.py",
         "src/web/index.html",
         "src/web/app.js",
