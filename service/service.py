@@ -111,7 +111,7 @@ web_app = Starlette(
 
 
 @bentoml.service(
-    workers=1,  # one process holds the model; on 2 cores more workers only add memory
+    workers=SETTINGS.workers,
     traffic={"timeout": SETTINGS.timeout_seconds, "max_concurrency": SETTINGS.max_concurrency},
 )
 @bentoml.asgi_app(web_app, path="/")

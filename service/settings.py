@@ -24,6 +24,7 @@ class Settings:
     # above any canvas and keeps the worst decode at ~15 ms (the contract allows 4096x4096).
     max_image_pixels: int = 2048 * 2048
     # Serving.
+    workers: int = 2  # server processes (one per core here), each with its own model copy
     max_concurrency: int = 64  # requests in flight per worker; more get 429 at once
     timeout_seconds: float = 10.0  # a request still unanswered after this gets 504
     preprocess_threads: int = 2  # threads decoding large images and the images of batches

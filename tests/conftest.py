@@ -184,6 +184,28 @@ def live_service(
         yield base_url
 
 
+OVERLOAD_LIMIT = 4  # DIGITS_MAX_CONCURRENCY of `limited_service`
+
+
+@pytest.fixture(scope="session")
+def limited_service(live_service, bentoml_home, tmp_path_factory) -> Iterator[str]:
+    """A second `bentoml serve` of the same model with one worker that admits only
+    OVERLOAD_LIMIT requests at a time (the limit is per worker; depending on `live_service`
+    makes sure the store holds the pipeline's model).
+
+    It gets a copy of the store: `bentoml serve` empties the Prometheus directory of its
+    BENTOML_HOME at start, which would wipe the live server's metrics."""
+    folder = tmp_path_factory.mktemp("limited_service")
+    shutil.copytree(bentoml_home / "models", folder / "bentoml" / "models")
+    with serve(
+        folder / "bentoml",
+        folder,
+        DIGITS_WORKERS="1",
+        DIGITS_MAX_CONCURRENCY=str(OVERLOAD_LIMIT),
+    ) as base_url:
+        yield base_url
+
+
 @contextlib.contextmanager
 def serve(bentoml_home: Path, log_dir: Path, **env_overrides: str) -> Iterator[str]:
     """A real `bentoml serve` of the service on a free port of 127.0.0.1, stopped on exit.

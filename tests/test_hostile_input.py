@@ -19,11 +19,10 @@ import http.client
 import io
 import json
 import math
-import shutil
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -32,7 +31,7 @@ import pytest
 from PIL import Image
 
 from service.settings import Settings
-from tests.conftest import data_url, serve
+from tests.conftest import OVERLOAD_LIMIT, data_url
 from tests.helpers import REPO as REPO_ROOT
 
 pytestmark = pytest.mark.slow
@@ -469,28 +468,10 @@ def test_cors_preflight_is_not_granted(live_service, path):
 
 # ---- Overload --------------------------------------------------------------------------------
 
-OVERLOAD_LIMIT = 4  # DIGITS_MAX_CONCURRENCY of the server under test
 BURST_REQUESTS = 200
 BURST_CLIENTS = 64  # 16x the limit
 CLIENT_TIMEOUT = 10.0  # seconds; a request queued this long counts as a failure
 BURST_TIME_LIMIT = 60.0  # seconds for the whole burst; unanswered requests are then missing
-
-
-@pytest.fixture(scope="module")
-def limited_service(live_service, bentoml_home, tmp_path_factory) -> Iterator[str]:
-    """A second `bentoml serve` of the same model that admits only OVERLOAD_LIMIT requests at a
-    time (depending on `live_service` makes sure the store holds the pipeline's model).
-
-    It gets a copy of the store: `bentoml serve` empties the Prometheus directory of its
-    BENTOML_HOME at start, which would wipe the live server's metrics."""
-    folder = tmp_path_factory.mktemp("limited_service")
-    shutil.copytree(bentoml_home / "models", folder / "bentoml" / "models")
-    with serve(
-        folder / "bentoml",
-        folder,
-        DIGITS_MAX_CONCURRENCY=str(OVERLOAD_LIMIT),
-    ) as base_url:
-        yield base_url
 
 
 @dataclass(frozen=True)

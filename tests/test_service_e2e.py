@@ -25,12 +25,12 @@ import pytest
 import yaml
 from PIL import Image
 
+from tests.conftest import OVERLOAD_LIMIT
 from tests.helpers import REPO as REPO_ROOT
 
 pytestmark = pytest.mark.slow
 
 MAX_BODY_BYTES = 2 * 1024 * 1024
-MAX_CONCURRENCY = 64
 
 
 def data_url(data: bytes) -> str:
@@ -161,12 +161,12 @@ def test_concurrent_requests_share_model_calls(live_service, canvas):
     assert single_calls < float(samples["digits_model_batch_size_count"])  # some calls batched
 
 
-def test_excess_requests_get_429_at_once(live_service, canvas):
+def test_excess_requests_get_429_at_once(limited_service, canvas):
     """Requests that keep their body coming hold a slot each; one more is refused at once."""
     held = []
     try:
-        for _ in range(MAX_CONCURRENCY):
-            sock = socket.create_connection(address(live_service), timeout=10)
+        for _ in range(OVERLOAD_LIMIT):
+            sock = socket.create_connection(address(limited_service), timeout=10)
             sock.sendall(
                 b"POST /predict HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
                 b"Content-Length: 100\r\n\r\n{"
@@ -174,7 +174,7 @@ def test_excess_requests_get_429_at_once(live_service, canvas):
             held.append(sock)
         time.sleep(0.5)
         started = time.perf_counter()
-        response = httpx.post(f"{live_service}/predict", json={"image": canvas[0]}, timeout=10)
+        response = httpx.post(f"{limited_service}/predict", json={"image": canvas[0]}, timeout=10)
         assert response.status_code == 429
         assert "error" in response.json()
         assert time.perf_counter() - started < 1.0
@@ -182,7 +182,7 @@ def test_excess_requests_get_429_at_once(live_service, canvas):
         for sock in held:
             sock.close()
     time.sleep(0.5)
-    assert httpx.post(f"{live_service}/predict", json={"image": canvas[0]}).status_code == 200
+    assert httpx.post(f"{limited_service}/predict", json={"image": canvas[0]}).status_code == 200
 
 
 def test_metrics_expose_the_service_counters(live_service, canvas):
