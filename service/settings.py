@@ -45,6 +45,7 @@ class Settings:
             raise ValueError("limits must be at least 1")
         if (
             min(
+                self.workers,
                 self.max_concurrency,
                 self.preprocess_threads,
                 self.max_model_batch,
@@ -52,7 +53,7 @@ class Settings:
             )
             < 1
         ):
-            raise ValueError("concurrency, threads and batch size must be at least 1")
+            raise ValueError("workers, concurrency, threads and batch size must be at least 1")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:

@@ -32,7 +32,6 @@ from pipelines.preprocessing import PREPROCESSING_VERSION
 from service.batcher import MicroBatcher
 from service.service import SETTINGS, Digits
 from service.settings import Settings
-from tests.helpers import REPO
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DIGITS_TO_READ = 30  # rendered MNIST test digits; the small test model reads ~97% of them
@@ -490,7 +489,7 @@ def test_the_server_starts_without_tensorflow(bentoml_home):
     )
     result = subprocess.run(
         [sys.executable, "-c", script],
-        cwd=REPO,
+        cwd=REPO_ROOT,
         capture_output=True,
         text=True,
         timeout=120,
@@ -515,6 +514,8 @@ def test_settings_come_from_the_environment():
         Settings.from_env({"DIGITS_MAX_BODY_BYTES": "lots"})
     with pytest.raises(ValueError):
         Settings.from_env({"DIGITS_MAX_CONCURRENCY": "0"})
+    with pytest.raises(ValueError):
+        Settings.from_env({"DIGITS_WORKERS": "0"})
 
 
 # ---- The micro-batcher -----------------------------------------------------------------------
