@@ -4,7 +4,8 @@ Run with `python -m pipelines.train` (dvc.yaml does). Settings come from the `tr
 params.yaml. Augmentation (rotation, zoom, shift, stroke thickness) runs batched inside a
 parallel tf.data pipeline with stateless random ops, so both cores stay busy and the same seed
 gives the same model. The schedule is fixed (warm-up then cosine decay) and the final weights are
-kept; the validation split is only watched, and the test set is never touched here.
+kept; the validation split chooses only the softmax temperature that calibrates the
+probabilities, and the test set is never touched here.
 
 With `members` > 1 the stage trains that many networks from consecutive seeds, side by side in
 worker processes (one per core, each single-threaded), and saves their average as one model.
@@ -37,7 +38,7 @@ import tensorflow as tf
 
 from pipelines import tracking
 from pipelines.download import file_md5, load_prepared
-from pipelines.model import build_ensemble, build_model
+from pipelines.model import build_ensemble, build_model, divide_logits
 from pipelines.preprocessing import INPUT_SHAPE, PREPROCESSING_VERSION, as_batch
 
 log = logging.getLogger("train")
@@ -59,6 +60,7 @@ class TrainSettings:
     zoom: float
     shift_pixels: float
     thickness: float
+    precision: str  # "float32", or "mixed_bfloat16" for bfloat16 maths on float32 weights
     max_train_images: int  # 0 means all
     members: int  # independently seeded networks whose probabilities are averaged
 
@@ -236,7 +238,9 @@ def fit_member(
     x_train, y_train = training_images(data, settings)
     steps_per_epoch = len(x_train) // settings.batch_size
     x_val, y_val = validation_split(data)
-    model = build_model(settings.filters, settings.dropout, name=name, fused=True)
+    model = build_model(
+        settings.filters, settings.dropout, name=name, fused=True, precision=settings.precision
+    )
     model.compile(
         optimizer=keras.optimizers.AdamW(
             learning_rate=learning_rate_schedule(settings, steps_per_epoch),
@@ -323,8 +327,10 @@ def run_workers(
         raise RuntimeError(f"training failed in {', '.join(failed)}; see the log above")
 
 
-def train(data_path: Path, settings: TrainSettings, workdir: Path) -> tuple[keras.Model, EpochLog]:
-    """Fit `members` networks from consecutive seeds in parallel workers; average several."""
+def train(
+    data_path: Path, settings: TrainSettings, workdir: Path
+) -> tuple[list[keras.Model], EpochLog]:
+    """Fit `members` networks from consecutive seeds in parallel workers."""
     processes, threads = worker_layout(settings.members, len(os.sched_getaffinity(0)))
     log.info(
         "training %d member(s), %d at a time with %d thread(s) each",
@@ -346,9 +352,7 @@ def train(data_path: Path, settings: TrainSettings, workdir: Path) -> tuple[kera
             for member in range(first + 1, min(first + processes, settings.members) + 1)
         }
         run_workers(wave, queue, epochs)
-    members = [keras.saving.load_model(path) for path in paths]
-    model = members[0] if len(members) == 1 else build_ensemble(members)
-    return model, epochs
+    return [keras.saving.load_model(path) for path in paths], epochs
 
 
 def drain(queue: Queue, epochs: EpochLog, wait: float) -> set[int]:
@@ -368,6 +372,41 @@ def drain(queue: Queue, epochs: EpochLog, wait: float) -> set[int]:
     except queue_module.Empty:
         pass
     return done
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    exponentials = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return exponentials / exponentials.sum(axis=1, keepdims=True)
+
+
+def fit_temperature(member_probabilities: list[np.ndarray], labels: np.ndarray) -> float:
+    """The logit temperature under which the members' average has the least validation log-loss.
+
+    Temperature scaling (Guo et al., 2017). Label smoothing teaches a network to answer about
+    90% even for digits it never gets wrong; one division of the logits, fitted on validation
+    images, makes its confidence mean what it says. A single network's answers do not change.
+    """
+    # log(p) equals the logits up to a per-image constant, which softmax ignores.
+    log_probabilities = [np.log(np.clip(p, 1e-12, 1.0)) for p in member_probabilities]
+    rows = np.arange(len(labels))
+
+    def validation_loss(temperature: float) -> float:
+        averaged = np.mean([softmax(logs / temperature) for logs in log_probabilities], axis=0)
+        return float(-np.log(np.clip(averaged[rows, labels], 1e-12, 1.0)).mean())
+
+    return float(min(np.geomspace(0.05, 5.0, 401), key=validation_loss))
+
+
+def calibrated_model(
+    members: list[keras.Model], data: dict[str, np.ndarray]
+) -> tuple[keras.Model, float]:
+    """The members with their fitted temperature folded in, averaged when there are several."""
+    x_val, y_val = validation_split(data)
+    probabilities = [np.asarray(m.predict(x_val, batch_size=1000, verbose=0)) for m in members]
+    temperature = fit_temperature(probabilities, y_val)
+    for member in members:
+        divide_logits(member, temperature)
+    return (members[0] if len(members) == 1 else build_ensemble(members)), temperature
 
 
 def validation_scores(model: keras.Model, data: dict[str, np.ndarray]) -> dict[str, float]:
@@ -408,13 +447,15 @@ def main() -> None:
         mlflow.set_tags(tracking.lineage_tags(data_hash))
         started = time.perf_counter()
         with tempfile.TemporaryDirectory() as workdir:
-            model, epochs = train(args.data, settings, Path(workdir))
+            members, epochs = train(args.data, settings, Path(workdir))
         seconds = time.perf_counter() - started
+        model, temperature = calibrated_model(members, data)
         images = settings.members * settings.epochs * training_count(data, settings)
         summary = {
             **validation_scores(model, data),
             "train_seconds": round(seconds, 1),
             "images_per_second": round(images / seconds, 1),
+            "temperature": round(temperature, 4),
             "parameters": model.count_params(),
             "run_id": run.info.run_id,
             "data_hash": data_hash,
@@ -423,7 +464,13 @@ def main() -> None:
         mlflow.log_metrics(
             {
                 k: summary[k]
-                for k in ("val_accuracy", "val_loss", "train_seconds", "images_per_second")
+                for k in (
+                    "val_accuracy",
+                    "val_loss",
+                    "temperature",
+                    "train_seconds",
+                    "images_per_second",
+                )
             }
         )
         args.model.parent.mkdir(parents=True, exist_ok=True)

@@ -12,12 +12,15 @@ import pytest
 import tensorflow as tf
 
 from pipelines.download import load_prepared, read_split
-from pipelines.model import FusedBatchNormalization, build_model
+from pipelines.model import FusedBatchNormalization, build_model, divide_logits
 from pipelines.preprocessing import as_batch
 from pipelines.train import (
     TrainSettings,
+    calibrated_model,
+    fit_temperature,
     random_affine,
     random_thickness,
+    softmax,
     train,
     training_dataset,
     with_stock_layers,
@@ -86,6 +89,27 @@ def test_model_maps_images_to_ten_probabilities():
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
 
 
+def test_dividing_the_logits_sharpens_the_probabilities_without_changing_the_answer():
+    model = build_model((4, 8, 16), 0.0)
+    images = tf.random.stateless_uniform([32, 28, 28, 1], [11, 12])
+    before = model(images).numpy()
+    divide_logits(model, 0.5)
+    after = model(images).numpy()
+    np.testing.assert_array_equal(after.argmax(axis=1), before.argmax(axis=1))
+    np.testing.assert_allclose(after, softmax(np.log(before) / 0.5), rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("miscalibration", [0.5, 1.0, 2.0])
+def test_temperature_undoes_over_and_under_confidence(miscalibration):
+    rng = np.random.default_rng(3)
+    logits = 3.0 * rng.standard_normal((20000, 10))
+    truth = softmax(logits)  # labels drawn from these probabilities: calibrated by construction
+    labels = np.array([rng.choice(10, p=row) for row in truth])
+    reported = softmax(logits * miscalibration)  # over- (> 1) or under-confident (< 1)
+    fitted = fit_temperature([reported], labels)
+    assert fitted == pytest.approx(miscalibration, rel=0.08)
+
+
 def test_fused_batch_norm_trains_like_the_stock_layer_and_hands_over_its_weights():
     """The fast training variant must learn what the stock (saved) model would learn."""
     images = np.random.default_rng(1).random((32, 28, 28, 1), dtype=np.float32)
@@ -152,10 +176,12 @@ def tracking(tmp_path):
 @pytest.mark.slow
 def test_members_train_in_parallel_workers_and_the_model_averages_them(tmp_path, tracking):
     data = small_prepared_split(tmp_path)
-    model, epochs = train(data, settings(members=2, epochs=1, batch_size=100), tmp_path)
+    members, epochs = train(data, settings(members=2, epochs=1, batch_size=100), tmp_path)
+    model, temperature = calibrated_model(members, load_prepared(data))
 
     members = [layer for layer in model.layers if isinstance(layer, keras.Model)]
     assert [member.name for member in members] == ["member_1", "member_2"]
+    assert temperature > 0
     images = as_batch(load_prepared(data)["x_val"][:16].astype(np.float32) / 255.0)
     first, second = (member(images).numpy() for member in members)
     assert not np.allclose(first, second)  # seeds seed and seed + 1 give different networks
