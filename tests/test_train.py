@@ -140,6 +140,20 @@ def test_fused_batch_norm_trains_like_the_stock_layer_and_hands_over_its_weights
     np.testing.assert_allclose(handed_over(images).numpy(), fused(images).numpy(), atol=1e-6)
 
 
+def test_bfloat16_training_hands_float32_weights_to_the_saved_model():
+    mixed = build_model((4, 8, 16), 0.0, fused=True, precision="mixed_bfloat16")
+    mixed.compile(optimizer="adam", loss="categorical_crossentropy")
+    images = tf.random.stateless_uniform([64, 28, 28, 1], [13, 14])
+    mixed.fit(images, tf.one_hot(tf.range(64) % 10, 10), epochs=2, batch_size=32, verbose=0)
+    assert mixed(images).dtype == "float32"  # probabilities and the loss stay in float32
+
+    handed_over = with_stock_layers(mixed, settings(filters=[4, 8, 16], dropout=0.0))
+    assert {layer.dtype_policy.name for layer in handed_over.layers} == {"float32"}
+    assert all(weight.dtype == "float32" for weight in handed_over.weights)
+    # The saved model computes in float32: bfloat16's 8-bit mantissa was only a training detail.
+    np.testing.assert_allclose(handed_over(images).numpy(), mixed(images).numpy(), atol=0.02)
+
+
 @pytest.mark.parametrize("filters, dropout", [((4, 8), 0.1), ((0, 8, 16), 0.1), ((4, 8, 16), 1.0)])
 def test_model_builder_rejects_bad_hyper_parameters(filters, dropout):
     with pytest.raises(ValueError):
