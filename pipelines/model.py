@@ -14,6 +14,8 @@ from keras import layers
 
 from pipelines.preprocessing import INPUT_SHAPE, LABELS
 
+PRECISIONS = ("float32", "mixed_bfloat16")  # Keras dtype policies training may use
+
 
 class FusedBatchNormalization(layers.BatchNormalization):
     """BatchNormalization whose training step is TensorFlow's single fused kernel.
@@ -71,6 +73,8 @@ def build_model(
         raise ValueError(f"filters must be three positive widths, got {filters}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     first, second, third = filters
     inputs = keras.Input(shape=INPUT_SHAPE, name="image")
     variant = {"fused": fused, "precision": precision}

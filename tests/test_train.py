@@ -154,10 +154,18 @@ def test_bfloat16_training_hands_float32_weights_to_the_saved_model():
     np.testing.assert_allclose(handed_over(images).numpy(), mixed(images).numpy(), atol=0.02)
 
 
-@pytest.mark.parametrize("filters, dropout", [((4, 8), 0.1), ((0, 8, 16), 0.1), ((4, 8, 16), 1.0)])
-def test_model_builder_rejects_bad_hyper_parameters(filters, dropout):
+@pytest.mark.parametrize(
+    "filters, dropout, precision",
+    [
+        ((4, 8), 0.1, "float32"),
+        ((0, 8, 16), 0.1, "float32"),
+        ((4, 8, 16), 1.0, "float32"),
+        ((4, 8, 16), 0.1, "bfloat16"),  # not a mixed policy: the weights would be bfloat16 too
+    ],
+)
+def test_model_builder_rejects_bad_hyper_parameters(filters, dropout, precision):
     with pytest.raises(ValueError):
-        build_model(filters, dropout)
+        build_model(filters, dropout, precision=precision)
 
 
 @pytest.mark.parametrize(
