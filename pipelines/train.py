@@ -151,6 +151,16 @@ def learning_rate_schedule(settings: TrainSettings, steps_per_epoch: int):
     )
 
 
+def early_weights_in_average(settings: TrainSettings, steps: int) -> float:
+    """Share of the first steps' weights still in the final moving average (0 without one).
+
+    Keras's weight average starts from the initial weights with no bias correction, so a run
+    shorter than a few times its horizon (1 / (1 - ema_momentum) steps) ends near the
+    untrained network: with 0.999, a 3-epoch run here kept 27% and scored 0.49 on validation.
+    """
+    return settings.ema_momentum**steps if settings.ema_momentum > 0 else 0.0
+
+
 class EpochReporter(keras.callbacks.Callback):
     """Inside a worker: send each epoch's metrics to the parent, then save the model and say so.
 
@@ -251,6 +261,17 @@ def fit_member(
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=settings.label_smoothing),
         metrics=["accuracy"],
     )
+    total_steps = steps_per_epoch * settings.epochs
+    untrained = early_weights_in_average(settings, total_steps)
+    if untrained > 0.01:
+        log.warning(
+            "%s: ema_momentum %g is too long a memory for %d steps: %.0f%% of the final weights "
+            "would come from the first, untrained ones; lower it or set 0 for short runs",
+            name,
+            settings.ema_momentum,
+            total_steps,
+            100 * untrained,
+        )
     log.info(
         "training %s: %d parameters on %d images for %d epochs",
         name,

@@ -17,6 +17,7 @@ from pipelines.preprocessing import as_batch
 from pipelines.train import (
     TrainSettings,
     calibrated_model,
+    early_weights_in_average,
     fit_temperature,
     random_affine,
     random_thickness,
@@ -75,6 +76,13 @@ def test_training_stream_is_reproducible_from_the_seed():
 
     np.testing.assert_array_equal(np.stack(first_batches(1)), np.stack(first_batches(1)))
     assert not np.array_equal(np.stack(first_batches(1)), np.stack(first_batches(2)))
+
+
+def test_a_short_run_learns_that_its_weight_average_is_mostly_untrained():
+    default_run = settings(ema_momentum=0.999)
+    assert early_weights_in_average(default_run, steps=25 * 429) < 0.001
+    assert early_weights_in_average(default_run, steps=3 * 429) > 0.25
+    assert early_weights_in_average(settings(ema_momentum=0), steps=10) == 0.0
 
 
 def test_settings_reject_unknown_keys_so_typos_in_params_fail_loudly():
