@@ -395,6 +395,12 @@ def drain(queue: Queue, epochs: EpochLog, wait: float) -> set[int]:
     return done
 
 
+def log_loss(probabilities: np.ndarray, labels: np.ndarray) -> float:
+    """Mean negative log-probability of the true labels (cross-entropy), clipped at 1e-12."""
+    picked = probabilities[np.arange(len(labels)), labels]
+    return float(-np.log(np.clip(picked, 1e-12, 1.0)).mean())
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     exponentials = np.exp(logits - logits.max(axis=1, keepdims=True))
     return exponentials / exponentials.sum(axis=1, keepdims=True)
@@ -409,11 +415,10 @@ def fit_temperature(member_probabilities: list[np.ndarray], labels: np.ndarray) 
     """
     # log(p) equals the logits up to a per-image constant, which softmax ignores.
     log_probabilities = [np.log(np.clip(p, 1e-12, 1.0)) for p in member_probabilities]
-    rows = np.arange(len(labels))
 
     def validation_loss(temperature: float) -> float:
         averaged = np.mean([softmax(logs / temperature) for logs in log_probabilities], axis=0)
-        return float(-np.log(np.clip(averaged[rows, labels], 1e-12, 1.0)).mean())
+        return log_loss(averaged, labels)
 
     return float(min(np.geomspace(0.05, 5.0, 401), key=validation_loss))
 
@@ -434,10 +439,9 @@ def validation_scores(model: keras.Model, data: dict[str, np.ndarray]) -> dict[s
     """Accuracy and loss of the final model (averaged weights, whole ensemble) on validation."""
     x_val, y_val = validation_split(data)
     probabilities = np.asarray(model.predict(x_val, batch_size=1000, verbose=0))
-    picked = np.clip(probabilities[np.arange(len(y_val)), y_val], 1e-12, 1.0)
     return {
         "val_accuracy": float((probabilities.argmax(axis=1) == y_val).mean()),
-        "val_loss": float(-np.log(picked).mean()),
+        "val_loss": log_loss(probabilities, y_val),
     }
 
 
