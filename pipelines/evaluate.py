@@ -200,7 +200,8 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
-    settings = EvaluateSettings(**tracking.load_params(args.params)["evaluate"])
+    params = tracking.load_params(args.params)
+    settings = EvaluateSettings(**params["evaluate"])
     data = load_prepared(args.data)
     trained = json.loads(args.train_metrics.read_text())
     model = keras.saving.load_model(args.model)
@@ -238,9 +239,9 @@ def main() -> None:
         args.misclassified
     )
 
-    with tracking.start_run(run_id=trained["run_id"]):
-        flat = tracking.flatten({k: v for k, v in metrics.items() if k != "val_accuracy"})
-        mlflow.log_metrics({name.replace("/", "_"): value for name, value in flat.items()})
+    run = tracking.ensure_model_run(args.model, args.data, params, tracking.train_scores(trained))
+    with tracking.start_run(run_id=run.info.run_id):
+        mlflow.log_metrics(tracking.evaluation_scores(metrics))
         for path in (args.metrics, args.confusion, args.calibration, args.misclassified):
             mlflow.log_artifact(str(path), artifact_path="evaluation")
     log.info(

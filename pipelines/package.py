@@ -2,17 +2,24 @@
 
 Run with `python -m pipelines.package` (the last stage of `dvc repro`). It
 
-1. picks the best finished run of experiment `digits` by validation accuracy (never by test
+1. makes sure MLflow knows the pipeline's model (`models/model.keras`): on a machine that got
+   the model from git and DVC (a fresh clone, `dvc pull`) rather than by training, the run is
+   recorded from the model file and its reports (see `tracking.ensure_model_run`);
+2. picks the best finished run of experiment `digits` by validation accuracy (never by test
    accuracy), among runs trained on the current data and the current preprocessing contract,
    so an old incompatible run can never win;
-2. registers that run's model as a version of `digits-cnn` unless it is registered already;
-3. moves the alias `champion` to it only through a quality gate: test accuracy at least
+3. registers that run's model as a version of `digits-cnn` unless it is registered already;
+4. moves the alias `champion` to it only through a quality gate: test accuracy at least
    `package.min_test_accuracy`, and no worse than the current champion beyond
-   `package.tolerance`;
-4. imports the champion into the local BentoML store as `digits-cnn:v<version>-<run>`, which
+   `package.tolerance`. Each version is judged once (the verdict is its `gate` tag), so a
+   rollback holds until a new model is trained;
+5. imports the champion into the local BentoML store as `digits-cnn:v<version>-<run>`, which
    `bentoml serve` then loads as `digits-cnn:latest`: the Keras file plus its LiteRT conversion
-   (`model.tflite`, what the service runs), checked to give the same probabilities;
-5. writes `reports/package.json` naming the run, the version and the BentoML tag.
+   (`model.tflite`, what the service runs), checked to give the same probabilities.
+
+The stores it writes are this machine's, not files DVC can see, so dvc.yaml marks the stage
+`always_changed`: every `dvc repro` runs it, and when the stores already hold the champion it
+changes nothing and takes seconds. What it decided goes to the log, not to a tracked file.
 
 Roll back by promoting an earlier registry version (no gate, it is a human decision):
 
@@ -48,6 +55,7 @@ from service.runtime import SERVING_MODEL_FILE, LiteRTModel
 log = logging.getLogger("package")
 
 CHAMPION = "champion"
+GATE_TAG = "gate"  # on a registry version: "passed", or why the gate refused it
 BENTO_MODEL = tracking.REGISTERED_MODEL
 BENTO_MODEL_FILE = "model.keras"
 MAX_SERVING_DIFFERENCE = 1e-4  # LiteRT against Keras, in probability; float32 round-off is ~1e-6
@@ -217,29 +225,37 @@ def import_to_bentoml(version: ModelVersion, run: Run, probe_images: np.ndarray)
     return tag
 
 
-def promote_best(client: MlflowClient, data_hash: str, settings: PackageSettings) -> dict:
-    """Steps 1-3 of the module docstring; returns what happened, for the report."""
+def promote_best(client: MlflowClient, data_hash: str, settings: PackageSettings) -> str:
+    """Steps 2-4 of the module docstring; returns what happened, for the log."""
     candidate = find_best_run(client, data_hash)
     version = register(client, candidate)
     champion = current_champion(client)
-    champion_run = client.get_run(champion.run_id) if champion else None
     if champion is not None and champion.version == version.version:
-        return {"decision": f"version {version.version} is already the champion"}
+        return f"version {version.version} is already the champion"
+    if champion is not None and GATE_TAG in version.tags:
+        return (
+            f"version {version.version} was judged before ({version.tags[GATE_TAG]}); "
+            f"champion stays at version {champion.version}"
+        )
+    champion_run = client.get_run(champion.run_id) if champion else None
     refusal = gate(candidate, champion_run, settings)
+    client.set_model_version_tag(
+        tracking.REGISTERED_MODEL, version.version, GATE_TAG, refusal or "passed"
+    )
     if refusal is None:
         client.set_registered_model_alias(tracking.REGISTERED_MODEL, CHAMPION, version.version)
-        return {"decision": f"version {version.version} promoted to champion"}
+        return f"version {version.version} promoted to champion"
     if champion is None:
         raise PackageError(
             f"no champion: the best run {candidate.info.run_id} fails the gate: {refusal}"
         )
-    return {
-        "decision": f"version {version.version} not promoted, champion stays "
+    return (
+        f"version {version.version} not promoted, champion stays "
         f"at version {champion.version}: {refusal}"
-    }
+    )
 
 
-def roll_back(client: MlflowClient, version_number: int, data_hash: str) -> dict:
+def roll_back(client: MlflowClient, version_number: int, data_hash: str) -> str:
     """Make an earlier registry version the champion again, if it fits the current contract."""
     try:
         version = client.get_model_version(tracking.REGISTERED_MODEL, str(version_number))
@@ -251,49 +267,48 @@ def roll_back(client: MlflowClient, version_number: int, data_hash: str) -> dict
             "the service could not read drawings the way it expects"
         )
     client.set_registered_model_alias(tracking.REGISTERED_MODEL, CHAMPION, version.version)
-    return {"decision": f"rolled back: version {version.version} is the champion"}
+    return f"rolled back: version {version.version} is the champion"
+
+
+def record_pipeline_model(args: argparse.Namespace, params: dict) -> None:
+    """Step 1: the run of the model in `args.model`, with its validation and test figures."""
+    scores = {
+        **tracking.train_scores(json.loads(args.train_metrics.read_text())),
+        **tracking.evaluation_scores(json.loads(args.metrics.read_text())),
+    }
+    run = tracking.ensure_model_run(args.model, args.data, params, scores)
+    log.info("the pipeline's model is run %s (%s)", run.info.run_id, run.info.run_name)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--data", type=Path, default=Path("data/prepared/mnist.npz"))
-    parser.add_argument("--report", type=Path, default=Path("reports/package.json"))
+    parser.add_argument("--model", type=Path, default=Path("models/model.keras"))
+    parser.add_argument("--train-metrics", type=Path, default=Path("reports/train.json"))
+    parser.add_argument("--metrics", type=Path, default=Path("reports/metrics.json"))
     parser.add_argument("--version", type=int, help="promote this registry version (rollback)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
-    settings = PackageSettings(**tracking.load_params(args.params)["package"])
+    params = tracking.load_params(args.params)
+    settings = PackageSettings(**params["package"])
     tracking.connect()
     client = MlflowClient()
     data_hash = file_md5(args.data)
     try:
         if args.version is None:
-            outcome = promote_best(client, data_hash, settings)
+            record_pipeline_model(args, params)
+            decision = promote_best(client, data_hash, settings)
         else:
-            outcome = roll_back(client, args.version, data_hash)
+            decision = roll_back(client, args.version, data_hash)
+        log.info(decision)
+        champion = current_champion(client)
+        probe_images = load_prepared(args.data)["x_val"][:PROBE_IMAGES] / 255.0
+        bentoml_tag = import_to_bentoml(champion, client.get_run(champion.run_id), probe_images)
     except PackageError as error:
         raise SystemExit(f"package: {error}") from None
-    log.info(outcome["decision"])
-
-    champion = current_champion(client)
-    run = client.get_run(champion.run_id)
-    probe_images = load_prepared(args.data)["x_val"][:PROBE_IMAGES] / 255.0
-    try:
-        bentoml_tag = import_to_bentoml(champion, run, probe_images)
-    except PackageError as error:
-        raise SystemExit(f"package: {error}") from None
-    report = {
-        **outcome,
-        "registered_model": tracking.REGISTERED_MODEL,
-        "champion_version": int(champion.version),
-        "run_id": champion.run_id,
-        "val_accuracy": run.data.metrics.get("val_accuracy"),
-        "test_accuracy": run.data.metrics.get("test_accuracy"),
-        "bentoml_tag": bentoml_tag,
-    }
-    args.report.parent.mkdir(parents=True, exist_ok=True)
-    args.report.write_text(json.dumps(report, indent=2) + "\n")
+    log.info("the champion is version %s, served as %s", champion.version, bentoml_tag)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import csv
 import importlib.metadata
+import json
 import os
 import subprocess
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,7 +22,10 @@ from typing import Any
 import mlflow
 import numpy as np
 import yaml
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
 
+from pipelines.download import file_md5, load_prepared
 from pipelines.preprocessing import INPUT_SHAPE, PREPROCESSING_VERSION, as_batch
 
 EXPERIMENT = "digits"
@@ -28,6 +33,8 @@ REGISTERED_MODEL = "digits-cnn"
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 MODEL_ARTIFACT = "model"
 KERAS_FILE_IN_ARTIFACT = "data/model.keras"  # where the mlflow.keras flavor keeps the file
+MODEL_MD5_TAG = "model_md5"  # ties a run to the exact model file that DVC versions
+ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip entry can carry
 
 
 def load_params(path: Path) -> dict[str, Any]:
@@ -42,6 +49,34 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+
+
+def write_json(data: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def save_keras_reproducibly(model: Any, path: Path) -> None:
+    """Save a Keras model so that the same weights always give the same bytes.
+
+    Keras stamps the save time into the archive (`metadata.json` and the weights entry's zip
+    date). DVC versions this file, so those stamps would change `dvc.lock` on every run and a
+    fresh clone would end with modified tracked files; they are dropped here.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model.save(path)
+    with zipfile.ZipFile(path) as archive:
+        entries = [(info, archive.read(info)) for info in archive.infolist()]
+    with zipfile.ZipFile(path, "w") as archive:
+        for info, data in entries:
+            if info.filename == "metadata.json":
+                metadata = json.loads(data)
+                metadata.pop("date_saved", None)
+                data = json.dumps(metadata).encode()
+            stamped = zipfile.ZipInfo(info.filename, date_time=ZIP_EPOCH)
+            stamped.compress_type = info.compress_type
+            stamped.external_attr = info.external_attr
+            archive.writestr(stamped, data)
 
 
 def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -99,6 +134,69 @@ def lineage_tags(data_hash: str) -> dict[str, str]:
         "preprocessing_version": PREPROCESSING_VERSION,
         "input_shape": "x".join(map(str, INPUT_SHAPE)),
     }
+
+
+def train_scores(train_report: dict[str, Any]) -> dict[str, float]:
+    """The validation figures of `reports/train.json` that the train stage logs as metrics."""
+    return {name: train_report[name] for name in ("val_accuracy", "val_loss", "temperature")}
+
+
+def evaluation_scores(metrics_report: dict[str, Any]) -> dict[str, float]:
+    """`reports/metrics.json` as flat MLflow metric names (canvas.thick -> canvas.thick)."""
+    flat = flatten({k: v for k, v in metrics_report.items() if k != "val_accuracy"})
+    return {name.replace("/", "_"): value for name, value in flat.items()}
+
+
+def find_model_run(model_path: Path) -> Run | None:
+    """The newest finished run of experiment `digits` that produced this exact model file."""
+    connect()
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    if experiment is None:
+        return None
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=(
+            f"tags.{MODEL_MD5_TAG} = '{file_md5(model_path)}' and attributes.status = 'FINISHED'"
+        ),
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0] if runs else None
+
+
+def ensure_model_run(
+    model_path: Path, data_path: Path, params: dict[str, Any], metrics: dict[str, float]
+) -> Run:
+    """The MLflow run of this model, holding at least `metrics`; recorded anew when missing.
+
+    The model DVC versions is the source of truth and MLflow is this machine's (or team's)
+    record of it. After `dvc pull` on another machine, or with a wiped `mlflow.db`, no run knows
+    the model: one named `imported` is logged with its params, lineage, metrics and the model
+    itself, so the registry and the champion gate work as if it had been trained here.
+    """
+    run = find_model_run(model_path)
+    if run is None:
+        import keras
+
+        model = keras.saving.load_model(model_path, compile=False)
+        with start_run(run_name="imported") as started:
+            mlflow.set_tags(
+                {
+                    **lineage_tags(file_md5(data_path)),
+                    MODEL_MD5_TAG: file_md5(model_path),
+                    "source": "model file versioned by DVC",
+                }
+            )
+            mlflow.log_params(flatten(params))
+            log_keras_model(model, load_prepared(data_path)["x_val"][:2])
+        run = MlflowClient().get_run(started.info.run_id)
+    missing = {name: value for name, value in metrics.items() if name not in run.data.metrics}
+    if missing:
+        with start_run(run_id=run.info.run_id):
+            mlflow.log_metrics(missing)
+        run = MlflowClient().get_run(run.info.run_id)
+    return run
 
 
 def model_requirements() -> list[str]:

@@ -11,15 +11,16 @@ With `members` > 1 the stage trains that many networks from consecutive seeds, s
 worker processes (one per core, each single-threaded), and saves their average as one model.
 Workers send their epoch metrics to this process, which alone talks to MLflow.
 
-Outputs: the model file, `reports/train.json` (validation metrics and the MLflow run id that the
-evaluate stage continues) and a per-epoch history CSV for `dvc plots`.
+Outputs: the model file, saved byte for byte the same for the same weights (its MD5 tags the
+MLflow run, which is how the evaluate and package stages find the run), `reports/train.json`
+(validation metrics) and a per-epoch history CSV for `dvc plots`. Only what the same code, data
+and params reproduce goes into these files; run ids and timings go to MLflow and the log.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import math
 import multiprocessing
@@ -478,38 +479,27 @@ def main() -> None:
         images = settings.members * settings.epochs * training_count(data, settings)
         summary = {
             **validation_scores(model, data),
-            "train_seconds": round(seconds, 1),
-            "images_per_second": round(images / seconds, 1),
             "temperature": round(temperature, 4),
             "parameters": model.count_params(),
-            "run_id": run.info.run_id,
             "data_hash": data_hash,
             "preprocessing_version": PREPROCESSING_VERSION,
         }
-        mlflow.log_metrics(
-            {
-                k: summary[k]
-                for k in (
-                    "val_accuracy",
-                    "val_loss",
-                    "temperature",
-                    "train_seconds",
-                    "images_per_second",
-                )
-            }
-        )
-        args.model.parent.mkdir(parents=True, exist_ok=True)
-        model.save(args.model)
+        timing = {
+            "train_seconds": round(seconds, 1),
+            "images_per_second": round(images / seconds, 1),
+        }
+        mlflow.log_metrics({**timing, **tracking.train_scores(summary)})
+        tracking.save_keras_reproducibly(model, args.model)
+        mlflow.set_tag(tracking.MODEL_MD5_TAG, file_md5(args.model))
         tracking.log_keras_model(model, data["x_val"][:2])
         tracking.write_csv(epochs.history, args.history)
-        args.metrics.parent.mkdir(parents=True, exist_ok=True)
-        args.metrics.write_text(json.dumps(summary, indent=2) + "\n")
+        tracking.write_json(summary, args.metrics)
     log.info(
         "trained in %.0f s (%.0f images/s): val_accuracy %.4f, run %s",
         seconds,
-        summary["images_per_second"],
+        timing["images_per_second"],
         summary["val_accuracy"],
-        summary["run_id"],
+        run.info.run_id,
     )
 
 

@@ -214,12 +214,29 @@ def serve(bentoml_home: Path, log_dir: Path, **env_overrides: str) -> Iterator[s
     port = free_port()
     env = {**os.environ, "BENTOML_HOME": str(bentoml_home), **env_overrides}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # bentoml serve sets up its own
-    log_path = log_dir / "server.log"
-    command = [str(BENTOML), "serve", "service.service:Digits"]
+    command = [str(BENTOML), "serve", "service.service:Digits", "--host", "127.0.0.1"]
+    with running_server(
+        [*command, "--port", str(port)], REPO_ROOT, env, port, log_dir / "server.log"
+    ) as base_url:
+        yield base_url
+
+
+@contextlib.contextmanager
+def running_server(
+    command: list[str],
+    cwd: Path,
+    env: dict[str, str],
+    port: int,
+    log_path: Path,
+    timeout: float = SERVER_START_TIMEOUT,
+) -> Iterator[str]:
+    """Start `command`, a server that will answer on `port` of 127.0.0.1, and wait until its
+    /readyz says 200; yield its base URL, stop it (and its process group) on exit. When it does
+    not come up, the end of its log (`log_path`) is shown."""
     with open(log_path, "wb") as server_log:
         process = subprocess.Popen(
-            [*command, "--host", "127.0.0.1", "--port", str(port)],
-            cwd=REPO_ROOT,
+            command,
+            cwd=cwd,
             env=env,
             stdout=server_log,
             stderr=subprocess.STDOUT,
@@ -227,10 +244,10 @@ def serve(bentoml_home: Path, log_dir: Path, **env_overrides: str) -> Iterator[s
         )
     base_url = f"http://127.0.0.1:{port}"
     try:
-        wait_until_ready(base_url, process, SERVER_START_TIMEOUT)
+        wait_until_ready(base_url, process, timeout)
     except Exception:
         stop_process(process)
-        sys.stderr.write(log_path.read_text(errors="replace")[-5000:])
+        sys.stderr.write(log_path.read_text(errors="replace")[-8000:])
         raise
     try:
         yield base_url

@@ -36,36 +36,55 @@ class Store:
         params = yaml.safe_load((REPO / "params.yaml").read_text())
         params["package"] = {"min_test_accuracy": 0.9, "tolerance": 0.001}
         self.params.write_text(yaml.safe_dump(params))
+        self.model = root / "model.keras"
+        self.trained = root / "train.json"
+        self.evaluated = root / "metrics.json"
         self.env = {
             **os.environ,
-            "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
             "BENTOML_HOME": str(root / "bentoml"),
         }
-        mlflow.set_tracking_uri(self.env["MLFLOW_TRACKING_URI"])
+        self.use_tracking_store(f"sqlite:///{root / 'mlflow.db'}")
+
+    def use_tracking_store(self, uri: str) -> None:
+        """Point this test and the stage at the MLflow store `uri`."""
+        self.env["MLFLOW_TRACKING_URI"] = uri
+        mlflow.set_tracking_uri(uri)
         mlflow.set_experiment(tracking.EXPERIMENT)
         self.client = MlflowClient()
 
     def log_run(self, val: float, test: float, data_hash: str | None = None) -> str:
-        """A finished, evaluated run holding a small real Keras model."""
+        """A finished, evaluated run holding a small real Keras model, which becomes the
+        pipeline's model (`model.keras` and its reports), as after train and evaluate."""
         model = keras.Sequential(
             [keras.Input(INPUT_SHAPE), keras.layers.Flatten(), keras.layers.Dense(10, "softmax")]
         )
+        tracking.save_keras_reproducibly(model, self.model)
         with mlflow.start_run() as run:
             mlflow.set_tags(tracking.lineage_tags(data_hash or file_md5(self.data)))
+            mlflow.set_tag(tracking.MODEL_MD5_TAG, file_md5(self.model))
             mlflow.log_metrics({"val_accuracy": val, "test_accuracy": test})
             tracking.log_keras_model(model, np.zeros((1, 28, 28), dtype=np.uint8))
+        tracking.write_json({"val_accuracy": val, "val_loss": 0.1, "temperature": 1}, self.trained)
+        tracking.write_json({"test_accuracy": test}, self.evaluated)
         return run.info.run_id
 
     def package(self, *extra: str) -> subprocess.CompletedProcess:
-        report = self.root / "package.json"
         command = [sys.executable, "-m", "pipelines.package", "--params", str(self.params)]
-        command += ["--data", str(self.data), "--report", str(report), *extra]
+        command += ["--data", str(self.data), "--model", str(self.model)]
+        command += ["--train-metrics", str(self.trained), "--metrics", str(self.evaluated)]
         return subprocess.run(
-            command, cwd=self.root, env=self.env, capture_output=True, text=True, timeout=300
+            [*command, *extra],
+            cwd=self.root,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
 
-    def report(self) -> dict:
-        return json.loads((self.root / "package.json").read_text())
+    def champion_tag(self) -> str:
+        """The BentoML tag that the package stage gives the champion."""
+        champion = self.client.get_model_version_by_alias("digits-cnn", "champion")
+        return f"digits-cnn:v{champion.version}-{champion.run_id[:8]}"
 
     def champion_run(self) -> str:
         return self.client.get_model_version_by_alias("digits-cnn", "champion").run_id
@@ -103,10 +122,8 @@ def test_best_validation_run_becomes_champion_once_and_reaches_bentoml(store):
         assert result.returncode == 0, result.stderr
     assert store.champion_run() == best
     assert len(store.client.search_model_versions("name = 'digits-cnn'")) == 1
-    report = store.report()
-    assert report["run_id"] == best
     [model] = store.bento_models()
-    assert model["tag"] == report["bentoml_tag"]
+    assert model["tag"] == store.champion_tag()
     assert best in store.bentoml("models", "get", "digits-cnn:latest")
 
 
@@ -114,7 +131,7 @@ def test_the_service_gets_a_litert_model_that_answers_like_the_keras_one(store):
     store.log_run(val=0.990, test=0.995)
     result = store.package()
     assert result.returncode == 0, result.stderr
-    folder = store.bento_model_folder(store.report()["bentoml_tag"])
+    folder = store.bento_model_folder(store.champion_tag())
     images = read_split(SHARED_MNIST, "t10k")[0][:64] / 255.0
     expected = keras.saving.load_model(folder / "model.keras")(as_batch(images)).numpy()
     served = LiteRTModel(str(folder / "model.tflite"), threads=1)(images)
@@ -133,9 +150,10 @@ def test_gate_moves_champion_only_for_a_model_that_is_not_worse_and_rollback_und
     first = store.log_run(val=0.990, test=0.995)
     assert store.package().returncode == 0
     store.log_run(val=0.999, test=0.980)  # best on validation, clearly worse on test
-    assert store.package().returncode == 0
+    result = store.package()
+    assert result.returncode == 0, result.stderr
     assert store.champion_run() == first
-    assert "not promoted" in store.report()["decision"]
+    assert "version 2 not promoted, champion stays at version 1" in result.stderr
 
     better = store.log_run(val=0.9995, test=0.996)
     assert store.package().returncode == 0
@@ -146,6 +164,33 @@ def test_gate_moves_champion_only_for_a_model_that_is_not_worse_and_rollback_und
     assert result.returncode == 0, result.stderr
     assert store.champion_run() == first
     assert first in store.bentoml("models", "get", "digits-cnn:latest")
+
+    # The next `dvc repro` runs the stage again: a rollback holds until a new model is trained.
+    result = store.package()
+    assert result.returncode == 0, result.stderr
+    assert "version 3 was judged before (passed); champion stays at version 1" in result.stderr
+    assert store.champion_run() == first
+    assert first in store.bentoml("models", "get", "digits-cnn:latest")
+
+
+def test_a_model_that_mlflow_does_not_know_is_recorded_then_promoted(store):
+    """After `dvc pull` on a new machine, the model and its reports exist but no run does."""
+    store.log_run(val=0.990, test=0.995)
+    store.use_tracking_store("sqlite:///" + str(store.root / "empty.db"))
+
+    result = store.package()
+    assert result.returncode == 0, result.stderr
+    champion = store.client.get_run(store.champion_run())
+    assert champion.info.run_name == "imported"
+    assert champion.data.metrics["test_accuracy"] == 0.995
+    assert champion.data.tags[tracking.MODEL_MD5_TAG] == file_md5(store.model)
+    assert champion.data.tags["data_hash"] == file_md5(store.data)
+    assert champion.info.run_id in store.bentoml("models", "get", "digits-cnn:latest")
+
+    result = store.package()  # and the next run finds it: nothing new is recorded
+    assert result.returncode == 0, result.stderr
+    assert "version 1 is already the champion" in result.stderr
+    assert len(store.client.search_runs([champion.info.experiment_id])) == 1
 
 
 def test_run_on_other_data_is_never_picked(store):
