@@ -4,17 +4,27 @@ For every request: a declared Content-Length above the limit gets 413 before any
 For the API routes (POST /predict, /predict_batch) it also checks, before BentoML sees them:
 - the method is POST (else 405) and the Content-Type is application/json (else 415);
 - the body, read here chunk by chunk, stays within the limit even when no length was declared
-  (else 413 as soon as the limit is passed; the rest is never read);
+  (else 413 as soon as the limit is passed; the rest is only drained, see below);
 - the body is valid JSON matching the route's input model (else 400 naming the field). BentoML
-  would answer these itself, but with its own body shape and a logged traceback per request;
-and afterwards rewrites any error answer that is not already `{"error", "reason"}` JSON (an
-unexpected 500 says only that the server log has the details).
+  would answer these itself, but with its own body shape and a logged traceback per request.
+For every route it then rewrites any error answer that is not already `{"error", "reason"}`
+JSON: a 404 for an unknown path, a 405, an unexpected 500 (which says only that the server log
+has the details).
+
+A refusal can go out while the client is still sending its body (a 413, or a 404 to a POST).
+The answer is then sent with `Connection: close`, and the rest of the body is read and dropped
+before the response ends: the HTTP server closes the connection at that point, and closing it
+with unread data resets it, losing the answer for clients that send their whole body before
+reading (Python's urllib). Draining is bounded in bytes and seconds; past the bound, or when
+the declared length is beyond it, the connection is closed without reading further.
 
 Each refused request is counted by reason in `digits_rejected_inputs_total`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from collections.abc import Callable, Mapping
 from http import HTTPStatus
@@ -44,17 +54,59 @@ class ClientDisconnected(Exception):
     """The client went away before its request body was complete."""
 
 
+class RequestBody:
+    """Follows how far the request body has been read (all reads go through `receive`), and
+    reads what is left when an answer must end before the body has."""
+
+    def __init__(self, headers: Headers, receive: Receive, max_bytes: int, max_seconds: float):
+        try:
+            self.declared_length = int(headers.get("content-length", "0"))
+        except ValueError:  # the HTTP server normally rejects these itself
+            self.declared_length = 0
+        # A request with neither header has no body (RFC 9112, 6.3).
+        self.complete = self.declared_length <= 0 and "transfer-encoding" not in headers
+        self.expects_continue = headers.get("expect", "").lower() == "100-continue"
+        self.asked = False  # whether anyone has asked for the body yet
+        self.received = 0
+        self._receive = receive
+        self.max_bytes = max_bytes
+        self.max_seconds = max_seconds
+
+    async def receive(self) -> Message:
+        self.asked = True
+        message = await self._receive()
+        self.received += len(message.get("body", b""))
+        if message["type"] == "http.disconnect" or not message.get("more_body", False):
+            self.complete = True
+        return message
+
+    async def drain(self) -> None:
+        """Read and drop the rest of the body, within the bounds; stop early if it is beyond."""
+        if self.expects_continue and not self.asked:
+            return  # nobody said "100 Continue": the client waits, and sends nothing
+        if self.declared_length > self.max_bytes:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.max_seconds):
+                while not self.complete and self.received <= self.max_bytes:
+                    await self.receive()
+
+
 class RequestGuard:
     def __init__(
         self,
         app: ASGIApp,
         api_inputs: Mapping[str, type[BaseModel]],
         max_body_bytes: int,
+        max_drain_bytes: int,
+        max_drain_seconds: float,
         on_reject: Callable[[str], None] | None = None,
     ) -> None:
         self.app = app
         self.api_inputs = dict(api_inputs)  # route path -> the model its JSON body must match
         self.max_body_bytes = max_body_bytes
+        self.max_drain_bytes = max_drain_bytes
+        self.max_drain_seconds = max_drain_seconds
         self.on_reject = on_reject
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -62,16 +114,15 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
-        try:
-            declared_length = int(headers.get("content-length", "0"))
-        except ValueError:  # the HTTP server normally rejects these itself
-            declared_length = 0
-        if declared_length > self.max_body_bytes:
+        request_body = RequestBody(headers, receive, self.max_drain_bytes, self.max_drain_seconds)
+        receive = request_body.receive
+        send = _finishing_body(send, request_body)
+        if request_body.declared_length > self.max_body_bytes:
             await self._refuse(send, self._too_large())
             return
         input_model = self.api_inputs.get(scope["path"])
         if input_model is None:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, self._normalizing(send))
             return
         if scope["method"] != "POST":
             refusal = RequestError(
@@ -226,6 +277,27 @@ def _phrase(status: int) -> str:
         return HTTPStatus(status).phrase
     except ValueError:
         return "Error"
+
+
+def _finishing_body(send: Send, body: RequestBody) -> Send:
+    """Wrap `send`: an answer that starts before the request body is all read closes the
+    connection, and drains the body (`RequestBody.drain`) before its last message."""
+
+    async def finishing_send(message: Message) -> None:
+        if body.complete:
+            await send(message)
+        elif message["type"] == "http.response.start":
+            headers = [*message.get("headers", []), (b"connection", b"close")]
+            await send({**message, "headers": headers})
+        elif message["type"] == "http.response.body" and not message.get("more_body", False):
+            if message.get("body"):
+                await send({**message, "more_body": True})  # the answer first, then the drain
+            await body.drain()
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        else:
+            await send(message)
+
+    return finishing_send
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

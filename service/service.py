@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -26,8 +28,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Mount, Route
+from starlette.routing import Match, Mount, Route
 from starlette.staticfiles import StaticFiles
+from starlette.types import Scope
 
 from pipelines.preprocessing import PREPROCESSING_VERSION, ImageError
 from service import metrics
@@ -99,13 +102,43 @@ async def info(request: Request) -> JSONResponse:
     return JSONResponse(bentoml.get_current_service().model_info)
 
 
-# /info and the page live in one small Starlette app mounted at "/". API routes and BentoML's
-# own routes match first; StaticFiles serves only files inside web/ (no listings, and paths
-# leading outside it, however encoded, are 404).
+class PageFiles(StaticFiles):
+    """The page's files: only files inside web/ (no listings, and paths leading outside it,
+    however encoded, find nothing)."""
+
+    def serves(self, scope: Scope) -> bool:
+        """Whether the path names one of the files (or a folder holding an index.html)."""
+        path = self.get_path(scope)
+        for candidate in (path, os.path.join(path, "index.html")):
+            try:
+                _, found = self.lookup_path(candidate)  # a stat or two of a local folder
+            except (OSError, ValueError):  # a name too long, a NUL byte: not one of ours
+                return False
+            if found is not None and stat.S_ISREG(found.st_mode):
+                return True
+        return False
+
+
+class PageMount(Mount):
+    """The page's files at "/", matching only the paths that name one of them (whatever the
+    method: a POST there is their 405). Every other path falls through to the routes behind:
+    BentoML's own (a POST /livez is their 405) and at last the router's 404, made JSON like
+    every refusal by the guard. A plain Mount("/") would claim every path, and StaticFiles
+    answers any method but GET and HEAD with 405, even where there is no file."""
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        match, child_scope = super().matches(scope)
+        if match is Match.FULL and not self.app.serves({**scope, **child_scope}):
+            return Match.NONE, {}
+        return match, child_scope
+
+
+# /info and the page live in one small Starlette app mounted at "/"; API routes and BentoML's
+# own routes match first.
 web_app = Starlette(
     routes=[
         Route("/info", info, methods=["GET"]),
-        Mount("/", app=StaticFiles(directory=WEB_DIR, html=True, check_dir=False)),
+        PageMount("/", app=PageFiles(directory=WEB_DIR, html=True, check_dir=False)),
     ]
 )
 
@@ -229,5 +262,7 @@ Digits.add_asgi_middleware(
     RequestGuard,
     api_inputs={api.route: api.input_spec for api in Digits.apis.values()},
     max_body_bytes=SETTINGS.max_body_bytes,
+    max_drain_bytes=SETTINGS.max_drain_bytes,
+    max_drain_seconds=SETTINGS.max_drain_seconds,
     on_reject=metrics.count_rejection,
 )

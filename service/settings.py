@@ -19,6 +19,11 @@ ENV_PREFIX = "DIGITS_"
 class Settings:
     # Requests. A canvas PNG is ~10-30 kB; 2 MB leaves room for photos and batches.
     max_body_bytes: int = 2 * 1024 * 1024  # larger bodies get 413 before they are read
+    # A body still arriving when the answer is a refusal (413, 404...) is read to its end and
+    # dropped, so that clients that send it all before reading (urllib) get the answer and not
+    # a connection reset; beyond either bound the connection is just closed.
+    max_drain_bytes: int = 32 * 1024 * 1024
+    max_drain_seconds: float = 5.0
     max_batch_images: int = 64  # images per /predict_batch request
     # Decoding: checked from the image header before any pixel is decoded. 2048x2048 is far
     # above any canvas and keeps the worst decode at ~15 ms (the contract allows 4096x4096).

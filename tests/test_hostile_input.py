@@ -3,12 +3,12 @@
     .venv/bin/python -m pytest -m slow tests/test_hostile_input.py -q
 
 One table of crafted requests (broken JSON, wrong types, broken and exotic images, bombs, an
-oversized body, real drawings) with the status each must get: never a 5xx, and every refusal a
-JSON `{"error": ...}` without a stack trace or a path. Then the static route's defences (path
-traversal, no listings, no CORS), and overload: far more clients than the concurrency limit are
-refused at once with 429/503 instead of queueing into timeouts, and the service recovers by
-itself. `tests/test_service.py` holds the same contract in-process, reason code by reason code;
-this file checks it over real sockets, as a client sends the bytes.
+oversized body, unknown paths, real drawings) with the status each must get: never a 5xx, and
+every refusal a JSON `{"error": ...}` without a stack trace or a path. Then the static route's
+defences (path traversal, no listings, no CORS), and overload: far more clients than the
+concurrency limit are refused at once with 429/503 instead of queueing into timeouts, and the
+service recovers by itself. `tests/test_service.py` holds the same contract in-process, reason
+code by reason code; this file checks it over real sockets, as a client sends the bytes.
 """
 
 from __future__ import annotations
@@ -261,6 +261,9 @@ CASES = [
     Hostile("get-predict", None, 405, method="GET", content_type=None),
     Hostile("put-predict", b'{"image": "AAAA"}', 405, method="PUT"),
     Hostile("body-over-limit", json.dumps({"image": "A" * LIMITS.max_body_bytes}).encode(), 413),
+    Hostile("get-unknown-path", None, 404, method="GET", content_type=None, path="/nope"),
+    Hostile("post-unknown-path", b'{"image": "AAAA"}', 404, path="/nope"),
+    Hostile("post-to-a-page-file", b'{"image": "AAAA"}', 405, path="/index.html"),
     # The image string.
     Hostile("empty-string", b'{"image": ""}', 400),
     Hostile("nul-character", b'{"image": "\\u0000"}', 400),

@@ -30,7 +30,8 @@ from starlette.testclient import TestClient
 
 from pipelines.preprocessing import PREPROCESSING_VERSION
 from service.batcher import MicroBatcher
-from service.service import SETTINGS, Digits
+from service.guard import RequestGuard
+from service.service import SETTINGS, Digits, PredictRequest
 from service.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -387,7 +388,9 @@ def test_decompression_bomb_is_refused(client):
 
 def test_oversized_body_is_refused_from_its_content_length(client):
     body = json.dumps({"image": "A" * (SETTINGS.max_body_bytes + 1)}).encode()
-    assert_refusal(client.post("/predict", content=body, headers=JSON), 413, "body_too_large")
+    response = client.post("/predict", content=body, headers=JSON)
+    assert_refusal(response, 413, "body_too_large")
+    assert response.headers["connection"] == "close"
 
 
 def test_oversized_streamed_body_is_refused_without_a_content_length(client):
@@ -421,6 +424,125 @@ def test_unexpected_failure_is_a_bare_500(client, digit, monkeypatch):
     assert predict(client, digit[0]).status_code == 200  # the service keeps serving
 
 
+# ---- Refusing a body that is still arriving ---------------------------------------------------
+# The HTTP server closes the connection when such an answer ends; closing it with unread data
+# resets it, and a client that sends its whole body before reading (urllib) loses the answer.
+# So the guard reads the rest first, within bounds. Here with a scripted client, in-process;
+# tests/test_service_e2e.py has the real server and urllib.
+
+CHUNK = 100  # bytes per body message of the scripted client
+GUARD_LIMITS = {"max_body_bytes": 1_000, "max_drain_bytes": 10_000, "max_drain_seconds": 0.2}
+
+
+async def page_not_found(scope, receive, send) -> None:
+    """An app that answers without reading the body, as the page's 404 does."""
+    await send({"type": "http.response.start", "status": 404, "headers": []})
+    await send({"type": "http.response.body", "body": b"Not Found"})
+
+
+def guarded(
+    chunks: int | None,
+    headers: dict[str, str],
+    path: str = "/predict",
+    ends: bool = True,
+) -> tuple[list[dict], int]:
+    """Send a POST through RequestGuard: `chunks` body messages (None: without end), the last
+    ending the body unless `ends` is False (the client then stalls). Returns the messages sent
+    back and the number of body messages read."""
+    read = 0
+
+    async def receive() -> dict:
+        nonlocal read
+        if chunks is not None and read >= chunks:
+            await asyncio.sleep(3600)  # a client that stopped sending
+        read += 1
+        last = ends and read == chunks
+        return {"type": "http.request", "body": b"A" * CHUNK, "more_body": not last}
+
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    guard = RequestGuard(page_not_found, {"/predict": PredictRequest}, **GUARD_LIMITS)
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": path,
+        "headers": [(name.encode(), value.encode()) for name, value in headers.items()],
+    }
+    asyncio.run(asyncio.wait_for(guard(scope, receive, send), timeout=5))
+    return sent, read
+
+
+def assert_answered_then_drained(sent: list[dict], status: int, reason: str) -> None:
+    """The answer (JSON, `Connection: close`) went out first, and ended after the drain."""
+    start, answer, end = sent
+    assert start["status"] == status
+    assert (b"connection", b"close") in start["headers"]
+    assert json.loads(answer["body"])["reason"] == reason
+    assert answer["more_body"] is True
+    assert end == {"type": "http.response.body", "body": b"", "more_body": False}
+
+
+CHUNKED = {"content-type": "application/json", "transfer-encoding": "chunked"}
+
+
+def test_oversized_streamed_body_is_drained_after_the_413():
+    sent, read = guarded(50, CHUNKED)  # 5 kB, over the 1 kB limit, within the 10 kB drain
+    assert_answered_then_drained(sent, 413, "body_too_large")
+    assert read == 50  # all of it
+
+
+def test_oversized_declared_body_is_drained_after_the_413():
+    sent, read = guarded(50, {"content-type": "application/json", "content-length": "5000"})
+    assert_answered_then_drained(sent, 413, "body_too_large")
+    assert read == 50
+
+
+def test_body_never_read_by_the_app_is_drained_after_its_json_404():
+    sent, read = guarded(5, {"content-type": "text/plain", "content-length": "500"}, "/nope")
+    assert_answered_then_drained(sent, 404, "not_found")
+    assert read == 5
+
+
+def test_endless_body_is_read_only_up_to_the_drain_bound():
+    sent, read = guarded(None, CHUNKED)
+    assert_answered_then_drained(sent, 413, "body_too_large")
+    assert read * CHUNK <= GUARD_LIMITS["max_drain_bytes"] + CHUNK
+
+
+def test_stalled_body_is_drained_only_for_the_drain_time():
+    began = time.perf_counter()
+    sent, read = guarded(20, CHUNKED, ends=False)
+    assert_answered_then_drained(sent, 413, "body_too_large")
+    assert read == 20
+    assert time.perf_counter() - began < 2.0
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"content-type": "application/json", "content-length": "1000000"},  # beyond the bound
+        {"content-type": "application/json", "content-length": "5000", "expect": "100-continue"},
+    ],
+    ids=["declared-beyond-the-drain-bound", "waiting-for-100-continue"],
+)
+def test_body_that_will_not_be_drained_is_not_read(headers):
+    sent, read = guarded(50, headers)
+    assert_answered_then_drained(sent, 413, "body_too_large")
+    assert read == 0
+
+
+def test_answer_after_the_whole_body_keeps_the_connection():
+    sent, read = guarded(1, {"content-type": "application/json", "content-length": "100"})
+    start, answer = sent
+    assert start["status"] == 400
+    assert all(name != b"connection" for name, _ in start["headers"])
+    assert not answer.get("more_body", False)
+    assert read == 1
+
+
 # ---- The page --------------------------------------------------------------------------------
 
 
@@ -449,9 +571,36 @@ def test_page_is_served_at_the_root(client):
 )
 def test_only_files_inside_web_are_served(client, path):
     response = client.get(path)
-    assert response.status_code == 404
+    assert_refusal(response, 404, "not_found")
     assert "[project]" not in response.text
     assert "root:" not in response.text
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"])
+@pytest.mark.parametrize("path", ["/nope", "/nope/", "/predict/more", "/info/x", "/app.js/x"])
+def test_unknown_routes_are_json_404s_whatever_the_method(client, method, path):
+    response = client.request(method, path, content=b'{"image": "AAAA"}', headers=JSON)
+    if method == "HEAD":
+        assert response.status_code == 404
+        assert response.headers["content-type"] == "application/json"
+    else:
+        assert_refusal(response, 404, "not_found")
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE"])
+@pytest.mark.parametrize(
+    "path", ["/", "/index.html", "/app.js", "/style.css", "/favicon.svg", "/info", "/livez"]
+)
+def test_known_routes_refuse_other_methods_with_json_405s(client, method, path):
+    response = client.request(method, path)
+    assert_refusal(response, 405, "method_not_allowed")
+    assert "GET" in response.headers["allow"]
+
+
+def test_bentoml_routes_still_answer(client):
+    for route in ("/livez", "/readyz", "/metrics"):
+        assert client.get(route).status_code == 200, route
+    assert client.get("/schema.json").json()["name"] == "Digits"
 
 
 # ---- Metrics ---------------------------------------------------------------------------------

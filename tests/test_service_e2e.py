@@ -3,7 +3,8 @@
     .venv/bin/python -m pytest -m slow tests/test_service_e2e.py -q
 
 Raw sockets and http.client send exactly the bytes under test (no client-side URL clean-up,
-chunked bodies, bodies that stop half-way).
+chunked bodies, bodies that stop half-way); urllib is the client that sends its whole body
+before it reads the answer.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ import os
 import socket
 import subprocess
 import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
@@ -25,12 +29,14 @@ import pytest
 import yaml
 from PIL import Image
 
+from service.settings import Settings
 from tests.conftest import OVERLOAD_LIMIT
 from tests.helpers import REPO as REPO_ROOT
 
 pytestmark = pytest.mark.slow
 
 MAX_BODY_BYTES = 2 * 1024 * 1024
+MAX_DRAIN_BYTES = Settings().max_drain_bytes  # the live server runs with the defaults
 
 
 def data_url(data: bytes) -> str:
@@ -130,6 +136,58 @@ def test_streamed_oversized_body_is_refused(live_service):
         response.begin()
         assert response.status == 413
         assert json.loads(response.read())["reason"] == "body_too_large"
+
+
+def urllib_answer(url: str, data: bytes | Iterator[bytes] | None = None) -> tuple[int, dict]:
+    """Ask as urllib does: `Connection: close`, and the whole body (chunked if `data` is an
+    iterator) written before the answer is read. Returns the status and the JSON body."""
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as refusal:
+        return refusal.code, json.loads(refusal.read())
+
+
+@pytest.mark.parametrize("size", [7_000_000, 20_000_000])
+@pytest.mark.parametrize("declared", [True, False], ids=["content-length", "chunked"])
+def test_client_sending_its_whole_body_first_gets_the_413(live_service, size, declared):
+    """Until the server drained such a body, urllib got a connection reset, not the 413."""
+    body = b'{"image": "' + b"A" * size + b'"}'
+    data = body if declared else (body[i : i + 65536] for i in range(0, len(body), 65536))
+    status, answer = urllib_answer(f"{live_service}/predict", data)
+    assert status == 413
+    assert answer == {"error": answer["error"], "reason": "body_too_large"}
+
+
+def test_endless_body_is_cut_off_after_the_drain_bound(live_service):
+    chunk = b"A" * 65536
+    sent = 0
+    with socket.create_connection(address(live_service), timeout=10) as sock:
+        sock.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
+        with pytest.raises((BrokenPipeError, ConnectionResetError)):
+            while sent < 2**30:
+                sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                sent += len(chunk)
+    assert sent < MAX_DRAIN_BYTES + 16 * 2**20  # the bound, plus what the socket buffers hold
+
+
+@pytest.mark.parametrize(
+    ("path", "data", "status", "reason"),
+    [
+        ("/nope", None, 404, "not_found"),
+        ("/nope", b'{"image": "' + b"A" * 1_000_000 + b'"}', 404, "not_found"),
+        ("/index.html", b"{}", 405, "method_not_allowed"),
+    ],
+    ids=["get-unknown", "post-unknown", "post-page-file"],
+)
+def test_unknown_route_and_wrong_method_get_json_refusals(live_service, path, data, status, reason):
+    answer_status, answer = urllib_answer(f"{live_service}{path}", data)
+    assert answer_status == status
+    assert answer == {"error": answer["error"], "reason": reason}
 
 
 @pytest.mark.parametrize(
