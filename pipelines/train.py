@@ -69,7 +69,26 @@ class TrainSettings:
     def from_params(cls, section: dict) -> TrainSettings:
         values = dict(section)
         values["filters"] = tuple(values["filters"])
+        values["precision"] = resolve_precision(values["precision"])
         return cls(**values)
+
+
+def has_native_bfloat16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU does bfloat16 maths in hardware (AVX512-BF16 or AMX-BF16)."""
+    try:
+        flags = set(cpuinfo.read_text().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def resolve_precision(precision: str, cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """`auto` is mixed bfloat16 where the CPU has it natively and float32 elsewhere: on a CPU
+    with only AVX2, TensorFlow emulates bfloat16 and trained 8x slower (37 images/s against
+    295, one thread)."""
+    if precision != "auto":
+        return precision
+    return "mixed_bfloat16" if has_native_bfloat16(cpuinfo) else "float32"
 
 
 def random_thickness(images: tf.Tensor, strength: float, seed: tf.Tensor) -> tf.Tensor:
@@ -470,6 +489,7 @@ def main() -> None:
 
     with tracking.start_run(run_name="train") as run:
         mlflow.log_params(tracking.flatten(params))
+        mlflow.set_tag("precision", settings.precision)  # what `auto` chose on this machine
         mlflow.set_tags(tracking.lineage_tags(data_hash))
         started = time.perf_counter()
         with tempfile.TemporaryDirectory() as workdir:

@@ -21,6 +21,7 @@ from pipelines.train import (
     fit_temperature,
     random_affine,
     random_thickness,
+    resolve_precision,
     softmax,
     train,
     training_dataset,
@@ -88,6 +89,22 @@ def test_the_untrained_share_of_the_weight_average_shrinks_with_the_run_length()
 def test_settings_reject_unknown_keys_so_typos_in_params_fail_loudly():
     with pytest.raises(TypeError):
         TrainSettings.from_params({**fast_params()["train"], "epohcs": 3})
+
+
+@pytest.mark.parametrize(
+    ("flags", "chosen"),
+    [
+        ("fpu sse4_2 avx2 fma", "float32"),
+        ("fpu avx2 avx512f avx512_bf16", "mixed_bfloat16"),
+        ("fpu avx2 amx_bf16 amx_tile", "mixed_bfloat16"),
+    ],
+)
+def test_auto_precision_uses_bfloat16_only_where_the_cpu_has_it(tmp_path, flags, chosen):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    assert resolve_precision("auto", cpuinfo) == chosen
+    assert resolve_precision("float32", cpuinfo) == "float32"  # an explicit choice stands
+    assert resolve_precision("auto", tmp_path / "missing") == "float32"
 
 
 def test_model_maps_images_to_ten_probabilities():
