@@ -21,6 +21,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -82,14 +83,18 @@ CMD ["python3"]
 """
 
 
-def podman(*args: str, timeout: float = 600, check: bool = True) -> str:
-    """Run `podman ARGS`; return its stdout. Fails the test with podman's stderr if it fails."""
+def run(*command: str, timeout: float = 600, check: bool = True, **options) -> str:
+    """Run a command; return its stdout. Fails the test with the command's output if it fails."""
     result = subprocess.run(
-        [PODMAN, *args], capture_output=True, text=True, timeout=timeout, check=False
+        command, capture_output=True, text=True, timeout=timeout, check=False, **options
     )
     if check and result.returncode != 0:
-        pytest.fail(f"podman {' '.join(args)} failed:\n{result.stderr[-3000:]}")
+        pytest.fail(f"{' '.join(command)} failed:\n{(result.stdout + result.stderr)[-5000:]}")
     return result.stdout
+
+
+def podman(*args: str, timeout: float = 600, check: bool = True) -> str:
+    return run(PODMAN, *args, timeout=timeout, check=check)
 
 
 def stand_in_base_image(workdir: Path) -> None:
@@ -102,17 +107,13 @@ def stand_in_base_image(workdir: Path) -> None:
     images' apt and dpkg settings. It also carries this machine's CA bundle, since package
     downloads may pass a TLS proxy that only that bundle trusts."""
     rootfs = workdir / "rootfs.tar"
-    subprocess.run(
-        [
-            "mmdebstrap",
-            "--variant=minbase",
-            "--include=python3,python3-venv,python3-pip,ca-certificates",
-            *(f"--dpkgopt={option}" for option in DPKG_SLIM_OPTIONS),
-            "bookworm",
-            str(rootfs),
-        ],
-        check=True,
-        capture_output=True,
+    run(
+        "mmdebstrap",
+        "--variant=minbase",
+        "--include=python3,python3-venv,python3-pip,ca-certificates",
+        *(f"--dpkgopt={option}" for option in DPKG_SLIM_OPTIONS),
+        "bookworm",
+        str(rootfs),
         timeout=900,
     )
     rootfs_image = f"localhost/digits-stand-in-rootfs:{uuid.uuid4().hex[:8]}"
@@ -128,78 +129,70 @@ def stand_in_base_image(workdir: Path) -> None:
         podman("rmi", rootfs_image, check=False)
 
 
+def provide_base_image() -> str | None:
+    """Make sure podman has `python:3.11-slim`: the local one, pulled, or a stand-in built
+    here. Returns what to warn about when it is a stand-in, else None."""
+    if subprocess.run([PODMAN, "image", "exists", BASE_IMAGE], check=False).returncode == 0:
+        labels = json.loads(podman("image", "inspect", "--format", "{{json .Labels}}", BASE_IMAGE))
+        if STAND_IN_LABEL in (labels or {}):
+            return (
+                f"{BASE_IMAGE} is the stand-in an earlier run built from Debian packages "
+                "(no registry was reachable), not the official image"
+            )
+        return None
+    pulled = subprocess.run(
+        [PODMAN, "pull", "-q", BASE_IMAGE], capture_output=True, text=True, timeout=600, check=False
+    )
+    if pulled.returncode == 0:
+        return None
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="digits-stand-in-") as workdir:
+        stand_in_base_image(Path(workdir))
+    return (
+        f"{BASE_IMAGE} could not be pulled ({pulled.stderr.strip()[-160:]}); built a stand-in "
+        f"from Debian bookworm's python3 in {time.monotonic() - started:.0f} s and tagged it "
+        "with that name (kept for later runs)"
+    )
+
+
 @pytest.fixture(scope="module")
-def base_image() -> str:
-    """Make sure podman has `python:3.11-slim`: the local one, pulled, or a stand-in."""
+def base_image() -> Iterator[Future[str | None]]:
+    """`provide_base_image` on a thread: a stand-in takes minutes of downloading and unpacking,
+    which overlap the model's training in `bentoml_home` (requested after this fixture)."""
     if PODMAN is None:
         pytest.skip("podman is not installed (scripts/setup --container installs it)")
-    if subprocess.run([PODMAN, "image", "exists", BASE_IMAGE], check=False).returncode != 0:
-        pulled = subprocess.run(
-            [PODMAN, "pull", "-q", BASE_IMAGE],
-            capture_output=True,
-            text=True,
-            timeout=600,
-            check=False,
-        )
-        if pulled.returncode != 0:
-            started = time.monotonic()
-            with tempfile.TemporaryDirectory(prefix="digits-stand-in-") as workdir:
-                stand_in_base_image(Path(workdir))
-            warnings.warn(
-                f"{BASE_IMAGE} could not be pulled ({pulled.stderr.strip()[-200:]}); built a "
-                f"stand-in from Debian bookworm's python3 in {time.monotonic() - started:.0f} s "
-                "and tagged it with that name (kept for later runs)",
-                stacklevel=1,
-            )
-            return BASE_IMAGE
-    labels = json.loads(podman("image", "inspect", "--format", "{{json .Labels}}", BASE_IMAGE))
-    if STAND_IN_LABEL in (labels or {}):
-        warnings.warn(
-            f"{BASE_IMAGE} is the stand-in built from Debian packages by an earlier run "
-            "(no registry was reachable), not the official image",
-            stacklevel=1,
-        )
-    return BASE_IMAGE
+    with ThreadPoolExecutor(1, thread_name_prefix="base-image") as pool:
+        yield pool.submit(provide_base_image)
 
 
 @pytest.fixture(scope="module")
-def image(base_image: str, bentoml_home: Path) -> Iterator[str]:
+def image(base_image: Future[str | None], bentoml_home: Path) -> Iterator[str]:
     """`bentoml build`, then `bentoml containerize` with podman; yields the image's name and
     removes it at the end."""
     env = {**os.environ, "BENTOML_HOME": str(bentoml_home), "BENTOML_DO_NOT_TRACK": "True"}
-    built = subprocess.run(
-        [str(BENTOML), "build", "-o", "tag"],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert built.returncode == 0, built.stderr[-3000:]
-    bento_tag = built.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
+    built = run(str(BENTOML), "build", "-o", "tag", cwd=REPO_ROOT, env=env, timeout=300)
+    bento_tag = built.strip().splitlines()[-1].removeprefix("__tag__:")
+    stand_in = base_image.result()
+    if stand_in:
+        warnings.warn(stand_in, stacklevel=1)
     name = f"localhost/digits-test:{uuid.uuid4().hex[:12]}"
+    started = time.monotonic()
     try:
-        containerized = subprocess.run(
-            [
-                str(BENTOML),
-                "containerize",
-                "--backend",
-                "podman",
-                "--opt",
-                "network=host",
-                "--image-tag",
-                name,
-                bento_tag,
-            ],
+        run(
+            str(BENTOML),
+            "containerize",
+            "--backend",
+            "podman",
+            "--opt",
+            "network=host",
+            "--image-tag",
+            name,
+            bento_tag,
             cwd=REPO_ROOT,
             env=env,
-            capture_output=True,
-            text=True,
             timeout=1200,
-            check=False,
         )
-        assert containerized.returncode == 0, (containerized.stdout + containerized.stderr)[-5000:]
+        log.info("containerized %s as %s in %.0f s", bento_tag, name, time.monotonic() - started)
         yield name
     finally:
         podman("rmi", "--force", name, check=False)
@@ -234,10 +227,11 @@ def container(image: str) -> Iterator[str]:
 
 
 def wait_until_ready(base_url: str, name: str) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT
-    while time.monotonic() < deadline:
+    started = time.monotonic()
+    while time.monotonic() < started + READY_TIMEOUT:
         try:
             if httpx.get(f"{base_url}/readyz", timeout=1.0).status_code == 200:
+                log.info("%s ready in %.1f s", name, time.monotonic() - started)
                 return
         except httpx.TransportError:
             pass
