@@ -142,7 +142,7 @@ def train_scores(train_report: dict[str, Any]) -> dict[str, float]:
 
 
 def evaluation_scores(metrics_report: dict[str, Any]) -> dict[str, float]:
-    """`reports/metrics.json` as flat MLflow metric names (canvas.thick -> canvas.thick)."""
+    """`reports/metrics.json` as MLflow metric names: nested keys joined by dots, no slashes."""
     flat = flatten({k: v for k, v in metrics_report.items() if k != "val_accuracy"})
     return {name.replace("/", "_"): value for name, value in flat.items()}
 
