@@ -229,7 +229,7 @@ def main() -> None:
 
     for path in (args.metrics, args.confusion, args.calibration, args.misclassified):
         path.parent.mkdir(parents=True, exist_ok=True)
-    args.metrics.write_text(json.dumps(metrics, indent=2) + "\n")
+    tracking.write_json(metrics, args.metrics)
     tracking.write_csv(
         [{"actual": int(a), "predicted": int(p)} for a, p in zip(labels, predicted, strict=True)],
         args.confusion,

@@ -7,7 +7,6 @@ be: its `dvc.lock` and reports in git, the model and data only in its DVC cache 
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import os
 import shutil
@@ -28,7 +27,7 @@ from mlflow.tracking import MlflowClient
 
 from pipelines.preprocessing import bytes_to_input
 from service.runtime import SERVING_MODEL_FILE, LiteRTModel
-from tests.conftest import free_port, render_canvas, running_server, serve
+from tests.conftest import data_url, free_port, render_canvas, running_server, serve
 from tests.helpers import REPO, SHARED_MNIST, FastProject, make_fast_project, run_in
 
 pytestmark = pytest.mark.slow
@@ -83,12 +82,8 @@ def drawn_digits(count: int) -> tuple[list[bytes], list[int]]:
     return [render_canvas(image) for image in images[:count]], labels[:count].tolist()
 
 
-def as_data_url(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-
-
 def predict(base_url: str, png: bytes) -> dict:
-    response = httpx.post(f"{base_url}/predict", json={"image": as_data_url(png)}, timeout=30)
+    response = httpx.post(f"{base_url}/predict", json={"image": data_url(png)}, timeout=30)
     assert response.status_code == 200, response.text
     return response.json()
 
