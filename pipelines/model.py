@@ -12,7 +12,7 @@ import keras
 import tensorflow as tf
 from keras import layers
 
-from pipelines.preprocessing import INPUT_SHAPE, LABELS
+from pipelines.preprocessing import CLASSES, INPUT_SHAPE, NOT_A_DIGIT
 
 PRECISIONS = ("float32", "mixed_bfloat16")  # Keras dtype policies training may use
 
@@ -61,8 +61,10 @@ def build_model(
     name: str = "digits_cnn",
     fused: bool = False,
     precision: str = "float32",
+    classes: int = CLASSES,
 ) -> keras.Model:
-    """Map (N, 28, 28, 1) images in [0, 1] to (N, 10) float32 digit probabilities.
+    """Map (N, 28, 28, 1) images in [0, 1] to (N, classes) float32 probabilities: the ten
+    digits, then "not a digit".
 
     Two variants train faster and hand their weights, same shapes in the same order, to the
     stock model that is saved: `fused=True` (FusedBatchNormalization) and
@@ -90,9 +92,7 @@ def build_model(
     x = layers.Flatten(dtype=precision)(x)
     x = layers.Dropout(dropout, dtype=precision)(x)
     # float32 whatever the precision: softmax and the loss need its range.
-    outputs = layers.Dense(
-        len(LABELS), activation="softmax", name="probabilities", dtype="float32"
-    )(x)
+    outputs = layers.Dense(classes, activation="softmax", name="probabilities", dtype="float32")(x)
     return keras.Model(inputs, outputs, name=name)
 
 
@@ -106,6 +106,19 @@ def divide_logits(model: keras.Model, temperature: float) -> None:
     classifier = model.get_layer("probabilities")
     kernel, bias = classifier.get_weights()
     classifier.set_weights([kernel / temperature, bias / temperature])
+
+
+def raise_logit(model: keras.Model, amount: float, label: int = NOT_A_DIGIT) -> None:
+    """Add `amount` to one class's logit, in place: how readily the model answers that class.
+
+    Training fits it for NOT_A_DIGIT on validation (the rejection threshold), so the saved model
+    refuses by itself, with argmax, wherever it runs.
+    """
+    classifier = model.get_layer("probabilities")
+    kernel, bias = classifier.get_weights()
+    bias = bias.copy()
+    bias[label] += amount
+    classifier.set_weights([kernel, bias])
 
 
 def build_ensemble(members: list[keras.Model]) -> keras.Model:

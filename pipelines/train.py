@@ -5,7 +5,13 @@ params.yaml. Augmentation (rotation, zoom, shift, stroke thickness) runs batched
 parallel tf.data pipeline with stateless random ops, so both cores stay busy and the same seed
 gives the same model. The schedule is fixed (warm-up then cosine decay) and the final weights are
 kept; the validation split chooses only the softmax temperature that calibrates the
-probabilities, and the test set is never touched here.
+probabilities and the threshold for "not a digit", and the test set is never touched here.
+
+The model has an eleventh class, NOT_A_DIGIT, learnt from the non-digit drawings the download
+stage prepares (Omniglot characters of the training alphabets) and from synthetic scribbles. How
+readily it answers that class is fitted last, on held-out alphabets and MNIST validation digits:
+the largest push towards "not a digit" that refuses at most `max_digit_refusal` of the
+validation digits, folded into the classifier's bias so the saved model decides by itself.
 
 With `members` > 1 the stage trains that many networks from consecutive seeds, side by side in
 worker processes (one per core, each single-threaded), and saves their average as one model.
@@ -36,11 +42,19 @@ import keras
 import mlflow
 import numpy as np
 import tensorflow as tf
+from PIL import Image, ImageDraw
 
 from pipelines import tracking
 from pipelines.download import file_md5, load_prepared
-from pipelines.model import build_ensemble, build_model, divide_logits
-from pipelines.preprocessing import INPUT_SHAPE, PREPROCESSING_VERSION, as_batch
+from pipelines.model import build_ensemble, build_model, divide_logits, raise_logit
+from pipelines.preprocessing import (
+    CLASSES,
+    INPUT_SHAPE,
+    NOT_A_DIGIT,
+    PREPROCESSING_VERSION,
+    as_batch,
+    ink_to_input,
+)
 
 log = logging.getLogger("train")
 
@@ -64,6 +78,9 @@ class TrainSettings:
     precision: str  # "float32", or "mixed_bfloat16" for bfloat16 maths on float32 weights
     max_train_images: int  # 0 means all
     members: int  # independently seeded networks whose probabilities are averaged
+    not_digit_share: float  # share of each epoch's images that are not digits
+    scribbles: int  # synthetic scribbles added to the non-digit drawings
+    max_digit_refusal: float  # share of validation digits the "not a digit" threshold may refuse
 
     @classmethod
     def from_params(cls, section: dict) -> TrainSettings:
@@ -144,7 +161,7 @@ def training_dataset(
         images = random_affine(
             images, settings.rotation_degrees, settings.zoom, settings.shift_pixels, affine_seed
         )
-        return tf.clip_by_value(images, 0.0, 1.0), tf.one_hot(labels, 10)
+        return tf.clip_by_value(images, 0.0, 1.0), tf.one_hot(labels, CLASSES)
 
     dataset = (
         tf.data.Dataset.from_tensor_slices((as_batch(x), y.astype(np.int32)))
@@ -240,21 +257,53 @@ class EpochLog:
         )
 
 
-def training_count(data: dict[str, np.ndarray], settings: TrainSettings) -> int:
-    """How many training images an epoch sees: all, or `max_train_images` when set."""
-    return min(settings.max_train_images or len(data["x_train"]), len(data["x_train"]))
+def scribbles(count: int, seed: int) -> np.ndarray:
+    """`count` random scribbles as model inputs: tangles of 6-15 random points joined by a
+    thick pen, which no one would read as a digit."""
+    rng = np.random.default_rng(seed)
+    images = np.empty((count, *INPUT_SHAPE[:2]), dtype=np.float32)
+    for index in range(count):
+        canvas = Image.new("L", (96, 96), 0)
+        points = rng.uniform(8, 88, size=(int(rng.integers(6, 16)), 2))
+        ImageDraw.Draw(canvas).line(
+            [tuple(point) for point in points],
+            fill=255,
+            width=int(rng.integers(5, 10)),
+            joint="curve",
+        )
+        images[index] = ink_to_input(np.asarray(canvas, dtype=np.float32) / 255.0)
+    return images
 
 
-def training_images(
-    data: dict[str, np.ndarray], settings: TrainSettings
-) -> tuple[np.ndarray, np.ndarray]:
-    """The training split as float images in [0, 1], cut to `max_train_images` when set."""
-    count = training_count(data, settings)
-    return data["x_train"][:count].astype(np.float32) / 255.0, data["y_train"][:count]
-
-
-def validation_split(data: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    return as_batch(data["x_val"].astype(np.float32) / 255.0), data["y_val"].astype(np.int64)
+def load_data(mnist: Path, not_digits: Path, settings: TrainSettings) -> dict[str, np.ndarray]:
+    """Training and validation images as float inputs in [0, 1] with labels, non-digits
+    labelled NOT_A_DIGIT: MNIST's splits, the non-digit drawings' (by alphabet), and scribbles
+    repeated to make `not_digit_share` of the training images."""
+    digits = load_prepared(mnist)
+    others = load_prepared(not_digits)
+    count = min(settings.max_train_images or len(digits["x_train"]), len(digits["x_train"]))
+    x_train = digits["x_train"][:count].astype(np.float32) / 255.0
+    pool = np.concatenate(
+        [
+            others["images"][others["split"] == "train"].astype(np.float32) / 255.0,
+            scribbles(settings.scribbles, settings.seed),
+        ]
+    )
+    wanted = settings.not_digit_share / (1.0 - settings.not_digit_share) * count
+    pool = np.concatenate([pool] * max(1, round(wanted / len(pool))))
+    x_val_others = others["images"][others["split"] == "validation"].astype(np.float32) / 255.0
+    return {
+        "x_train": np.concatenate([x_train, pool]),
+        "y_train": np.concatenate(
+            [digits["y_train"][:count], np.full(len(pool), NOT_A_DIGIT)]
+        ).astype(np.int64),
+        "x_val": as_batch(
+            np.concatenate([digits["x_val"].astype(np.float32) / 255.0, x_val_others])
+        ),
+        "y_val": np.concatenate([digits["y_val"], np.full(len(x_val_others), NOT_A_DIGIT)]).astype(
+            np.int64
+        ),
+    }
 
 
 def fit_member(
@@ -265,9 +314,9 @@ def fit_member(
     The reporter saves the trained model at the end.
     """
     keras.utils.set_random_seed(settings.seed)
-    x_train, y_train = training_images(data, settings)
+    x_train, y_train = data["x_train"], data["y_train"]
     steps_per_epoch = len(x_train) // settings.batch_size
-    x_val, y_val = validation_split(data)
+    x_val, y_val = data["x_val"], data["y_val"]
     model = build_model(
         settings.filters, settings.dropout, name=name, fused=True, precision=settings.precision
     )
@@ -303,7 +352,7 @@ def fit_member(
         training_dataset(x_train, y_train, settings, steps_per_epoch * settings.epochs),
         epochs=settings.epochs,
         steps_per_epoch=steps_per_epoch,
-        validation_data=(x_val, keras.utils.to_categorical(y_val, 10)),
+        validation_data=(x_val, keras.utils.to_categorical(y_val, CLASSES)),
         validation_batch_size=1000,
         callbacks=[reporter],
         verbose=2,
@@ -318,7 +367,12 @@ def with_stock_layers(trained: keras.Model, settings: TrainSettings) -> keras.Mo
 
 
 def fit_member_in_worker(
-    data_path: Path, settings: TrainSettings, member: int, threads: int, queue: Queue, out: Path
+    data_paths: tuple[Path, Path],
+    settings: TrainSettings,
+    member: int,
+    threads: int,
+    queue: Queue,
+    out: Path,
 ) -> None:
     """Worker process: fit member `member` (seed + member - 1) on `threads` cores, save to `out`."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -327,7 +381,8 @@ def fit_member_in_worker(
     tf.config.experimental.enable_op_determinism()
     member_settings = dataclasses.replace(settings, seed=settings.seed + member - 1)
     reporter = EpochReporter(queue, member, member_settings, out)
-    fit_member(load_prepared(data_path), member_settings, f"member_{member}", reporter)
+    data = load_data(*data_paths, settings)  # the same images for every member
+    fit_member(data, member_settings, f"member_{member}", reporter)
 
 
 def worker_layout(members: int, cores: int) -> tuple[int, int]:
@@ -369,7 +424,7 @@ def run_workers(
 
 
 def train(
-    data_path: Path, settings: TrainSettings, workdir: Path
+    data_paths: tuple[Path, Path], settings: TrainSettings, workdir: Path
 ) -> tuple[list[keras.Model], EpochLog]:
     """Fit `members` networks from consecutive seeds in parallel workers."""
     processes, threads = worker_layout(settings.members, len(os.sched_getaffinity(0)))
@@ -387,7 +442,7 @@ def train(
         wave = {
             member: context.Process(
                 target=fit_member_in_worker,
-                args=(data_path, settings, member, threads, queue, paths[member - 1]),
+                args=(data_paths, settings, member, threads, queue, paths[member - 1]),
                 name=f"member {member}",
             )
             for member in range(first + 1, min(first + processes, settings.members) + 1)
@@ -443,25 +498,57 @@ def fit_temperature(member_probabilities: list[np.ndarray], labels: np.ndarray) 
     return float(min(np.geomspace(0.05, 5.0, 401), key=validation_loss))
 
 
+def fit_refusal_shift(
+    member_probabilities: list[np.ndarray], labels: np.ndarray, max_digit_refusal: float
+) -> float:
+    """The largest push on the NOT_A_DIGIT logit that refuses at most `max_digit_refusal` of the
+    validation digits: as many non-digits refused as that allows."""
+    log_probabilities = [np.log(np.clip(p, 1e-12, 1.0)) for p in member_probabilities]
+    is_digit = labels != NOT_A_DIGIT
+    for shift in np.linspace(8.0, -8.0, 321):
+        push = np.zeros(CLASSES)
+        push[NOT_A_DIGIT] = shift
+        averaged = np.mean([softmax(logs + push) for logs in log_probabilities], axis=0)
+        refused = averaged.argmax(axis=1) == NOT_A_DIGIT
+        if refused[is_digit].mean() <= max_digit_refusal:
+            return float(shift)
+    return -8.0
+
+
 def calibrated_model(
-    members: list[keras.Model], data: dict[str, np.ndarray]
-) -> tuple[keras.Model, float]:
-    """The members with their fitted temperature folded in, averaged when there are several."""
-    x_val, y_val = validation_split(data)
-    probabilities = [np.asarray(m.predict(x_val, batch_size=1000, verbose=0)) for m in members]
-    temperature = fit_temperature(probabilities, y_val)
+    members: list[keras.Model], data: dict[str, np.ndarray], max_digit_refusal: float
+) -> tuple[keras.Model, float, float]:
+    """The members with their fitted temperature and refusal shift folded in, averaged when
+    there are several. Returns the model, the temperature and the shift."""
+    x_val, y_val = data["x_val"], data["y_val"]
+
+    def member_probabilities() -> list[np.ndarray]:
+        return [np.asarray(m.predict(x_val, batch_size=1000, verbose=0)) for m in members]
+
+    temperature = fit_temperature(member_probabilities(), y_val)
     for member in members:
         divide_logits(member, temperature)
-    return (members[0] if len(members) == 1 else build_ensemble(members)), temperature
+    shift = fit_refusal_shift(member_probabilities(), y_val, max_digit_refusal)
+    for member in members:
+        raise_logit(member, shift)
+    model = members[0] if len(members) == 1 else build_ensemble(members)
+    return model, temperature, shift
 
 
 def validation_scores(model: keras.Model, data: dict[str, np.ndarray]) -> dict[str, float]:
-    """Accuracy and loss of the final model (averaged weights, whole ensemble) on validation."""
-    x_val, y_val = validation_split(data)
+    """The final model (averaged weights, whole ensemble) on validation: digit accuracy (the
+    best of the ten digits, as MNIST is scored), loss over all classes, and the share of
+    digits and of non-digits (held-out alphabets) refused as not a digit."""
+    x_val, y_val = data["x_val"], data["y_val"]
     probabilities = np.asarray(model.predict(x_val, batch_size=1000, verbose=0))
+    is_digit = y_val != NOT_A_DIGIT
+    refused = probabilities.argmax(axis=1) == NOT_A_DIGIT
+    digits_read = probabilities[is_digit, :NOT_A_DIGIT].argmax(axis=1)
     return {
-        "val_accuracy": float((probabilities.argmax(axis=1) == y_val).mean()),
+        "val_accuracy": float((digits_read == y_val[is_digit]).mean()),
         "val_loss": log_loss(probabilities, y_val),
+        "val_digits_refused": float(refused[is_digit].mean()),
+        "val_not_digits_refused": float(refused[~is_digit].mean()),
     }
 
 
@@ -473,6 +560,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--data", type=Path, default=Path("data/prepared/mnist.npz"))
+    parser.add_argument("--not-digits", type=Path, default=Path("data/prepared/not_digits.npz"))
     parser.add_argument("--model", type=Path, default=Path("models/model.keras"))
     parser.add_argument("--metrics", type=Path, default=Path("reports/train.json"))
     parser.add_argument("--history", type=Path, default=Path("reports/train_history.csv"))
@@ -484,7 +572,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, stop_on_sigterm)
     params = tracking.load_params(args.params)
     settings = TrainSettings.from_params(params["train"])
-    data = load_prepared(args.data)
+    data = load_data(args.data, args.not_digits, settings)
     data_hash = file_md5(args.data)
 
     with tracking.start_run(run_name="train") as run:
@@ -493,13 +581,14 @@ def main() -> None:
         mlflow.set_tags(tracking.lineage_tags(data_hash))
         started = time.perf_counter()
         with tempfile.TemporaryDirectory() as workdir:
-            members, epochs = train(args.data, settings, Path(workdir))
+            members, epochs = train((args.data, args.not_digits), settings, Path(workdir))
         seconds = time.perf_counter() - started
-        model, temperature = calibrated_model(members, data)
-        images = settings.members * settings.epochs * training_count(data, settings)
+        model, temperature, shift = calibrated_model(members, data, settings.max_digit_refusal)
+        images = settings.members * settings.epochs * len(data["x_train"])
         summary = {
             **validation_scores(model, data),
             "temperature": round(temperature, 4),
+            "not_a_digit_shift": round(shift, 4),
             "parameters": model.count_params(),
             "data_hash": data_hash,
             "preprocessing_version": PREPROCESSING_VERSION,
@@ -511,7 +600,7 @@ def main() -> None:
         mlflow.log_metrics({**timing, **tracking.train_scores(summary)})
         tracking.save_keras_reproducibly(model, args.model)
         mlflow.set_tag(tracking.MODEL_MD5_TAG, file_md5(args.model))
-        tracking.log_keras_model(model, data["x_val"][:2])
+        tracking.log_keras_model(model, load_prepared(args.data)["x_val"][:2])
         tracking.write_csv(epochs.history, args.history)
         tracking.write_json(summary, args.metrics)
     log.info(
