@@ -52,7 +52,7 @@ SPECK_FRACTION = 0.02  # ink blobs holding less than 2% of all ink are specks, n
 MIN_INK_PIXELS = 4  # fewer ink pixels than this is not a digit
 # Splitting a drawing into marks (see plan_reading).
 SAME_MARK_OVERLAP = 0.4  # strokes sharing this share of the narrower one's columns: one mark
-SPLIT_ASPECT = 0.85  # a mark at least this wide for its height may hold touching digits
+SPLIT_ASPECT = 1.1  # a mark at least this wide for its height may hold touching digits
 MAX_DIGIT_ASPECT = 1.3  # no piece of a split is wider than this for the mark's height
 MIN_PIECE_ASPECT = 0.12  # nor narrower than this (a 1 is narrow, but not a sliver)
 MAX_CUTS = 6  # candidate cut columns tried per wide mark
