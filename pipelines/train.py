@@ -258,13 +258,13 @@ class EpochLog:
 
 
 def scribbles(count: int, seed: int) -> np.ndarray:
-    """`count` random scribbles as model inputs: tangles of 6-15 random points joined by a
-    thick pen, which no one would read as a digit."""
+    """`count` random scribbles as model inputs: tangles of 8-15 random points joined by a
+    thick pen, which no one would read as a digit (fewer points can make a 7 or a 2)."""
     rng = np.random.default_rng(seed)
     images = np.empty((count, *INPUT_SHAPE[:2]), dtype=np.float32)
     for index in range(count):
         canvas = Image.new("L", (96, 96), 0)
-        points = rng.uniform(8, 88, size=(int(rng.integers(6, 16)), 2))
+        points = rng.uniform(8, 88, size=(int(rng.integers(8, 16)), 2))
         ImageDraw.Draw(canvas).line(
             [tuple(point) for point in points],
             fill=255,

@@ -12,16 +12,19 @@ import pytest
 import tensorflow as tf
 
 from pipelines.download import load_prepared, read_split
-from pipelines.model import FusedBatchNormalization, build_model, divide_logits
-from pipelines.preprocessing import as_batch
+from pipelines.model import FusedBatchNormalization, build_model, divide_logits, raise_logit
+from pipelines.preprocessing import CLASSES, NOT_A_DIGIT, as_batch
 from pipelines.train import (
     TrainSettings,
     calibrated_model,
     early_weights_in_average,
+    fit_refusal_shift,
     fit_temperature,
+    load_data,
     random_affine,
     random_thickness,
     resolve_precision,
+    scribbles,
     softmax,
     train,
     training_dataset,
@@ -107,11 +110,53 @@ def test_auto_precision_uses_bfloat16_only_where_the_cpu_has_it(tmp_path, flags,
     assert resolve_precision("auto", tmp_path / "missing") == "float32"
 
 
-def test_model_maps_images_to_ten_probabilities():
+def test_model_maps_images_to_digit_and_not_a_digit_probabilities():
     model = build_model((4, 8, 16), 0.1)
     probabilities = model(np.zeros((3, 28, 28, 1), dtype=np.float32)).numpy()
-    assert probabilities.shape == (3, 10)
+    assert probabilities.shape == (3, CLASSES) == (3, 11)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_raising_the_not_a_digit_logit_only_makes_that_answer_more_likely():
+    model = build_model((4, 8, 16), 0.0)
+    images = tf.random.stateless_uniform([32, 28, 28, 1], [5, 6])
+    before = model(images).numpy()
+    raise_logit(model, 2.0)
+    after = model(images).numpy()
+    assert (after[:, NOT_A_DIGIT] > before[:, NOT_A_DIGIT]).all()
+    digits_before = before[:, :NOT_A_DIGIT] / before[:, :NOT_A_DIGIT].sum(axis=1, keepdims=True)
+    digits_after = after[:, :NOT_A_DIGIT] / after[:, :NOT_A_DIGIT].sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(digits_after, digits_before, rtol=1e-4)  # digits' odds unchanged
+
+
+def test_refusal_threshold_refuses_as_many_non_digits_as_the_digit_budget_allows():
+    rng = np.random.default_rng(4)
+    digits, others = 2000, 500
+    labels = np.concatenate([rng.integers(0, 10, digits), np.full(others, NOT_A_DIGIT)])
+    logits = rng.standard_normal((digits + others, CLASSES))
+    logits[np.arange(digits), labels[:digits]] += 4.0  # digits: their own class stands out
+    logits[digits:, NOT_A_DIGIT] += 2.0  # non-digits: a weaker signal, overlapping the digits
+    probabilities = softmax(logits)
+    for budget in (0.001, 0.01, 0.05):
+        shift = fit_refusal_shift([probabilities], labels, budget)
+        pushed = logits.copy()
+        pushed[:, NOT_A_DIGIT] += shift
+        refused = softmax(pushed).argmax(axis=1) == NOT_A_DIGIT
+        assert refused[:digits].mean() <= budget
+        slightly_more = logits.copy()
+        slightly_more[:, NOT_A_DIGIT] += shift + 0.1
+        assert (softmax(slightly_more).argmax(axis=1) == NOT_A_DIGIT)[:digits].mean() > budget
+    loose = fit_refusal_shift([probabilities], labels, 0.05)
+    strict = fit_refusal_shift([probabilities], labels, 0.001)
+    assert loose > strict  # a larger budget refuses more
+
+
+def test_scribbles_are_reproducible_model_inputs_unlike_any_mnist_digit():
+    first, again = scribbles(20, seed=3), scribbles(20, seed=3)
+    np.testing.assert_array_equal(first, again)
+    assert first.shape == (20, 28, 28) and first.min() >= 0.0 and first.max() <= 1.0
+    assert not np.array_equal(first, scribbles(20, seed=4))
+    assert (first > 0.5).mean(axis=(1, 2)).min() > 0.03  # every one is a visible drawing
 
 
 def test_dividing_the_logits_sharpens_the_probabilities_without_changing_the_answer():
@@ -138,7 +183,7 @@ def test_temperature_undoes_over_and_under_confidence(miscalibration):
 def test_fused_batch_norm_trains_like_the_stock_layer_and_hands_over_its_weights():
     """The fast training variant must learn what the stock (saved) model would learn."""
     images = np.random.default_rng(1).random((32, 28, 28, 1), dtype=np.float32)
-    labels = keras.utils.to_categorical(np.arange(32) % 10, 10)
+    labels = keras.utils.to_categorical(np.arange(32) % CLASSES, CLASSES)
     keras.utils.set_random_seed(3)
     stock = build_model((4, 8, 16), 0.0)
     fused = build_model((4, 8, 16), 0.0, fused=True)
@@ -169,7 +214,7 @@ def test_bfloat16_training_hands_float32_weights_to_the_saved_model():
     mixed = build_model((4, 8, 16), 0.0, fused=True, precision="mixed_bfloat16")
     mixed.compile(optimizer="adam", loss="categorical_crossentropy")
     images = tf.random.stateless_uniform([64, 28, 28, 1], [13, 14])
-    mixed.fit(images, tf.one_hot(tf.range(64) % 10, 10), epochs=2, batch_size=32, verbose=0)
+    mixed.fit(images, tf.one_hot(tf.range(64) % CLASSES, CLASSES), epochs=2, batch_size=32, verbose=0)
     assert mixed(images).dtype == "float32"  # probabilities and the loss stay in float32
 
     handed_over = with_stock_layers(mixed, settings(filters=[4, 8, 16], dropout=0.0))
@@ -202,11 +247,26 @@ def test_members_train_side_by_side_one_per_core(members, cores, layout):
 
 
 def small_prepared_split(folder: Path) -> Path:
-    """A prepared-data file like the download stage's, cut to 2,000 training images."""
+    """Prepared-data files like the download stage's: 2,000 training digits, and non-digits
+    (scribbles standing in for the drawings of other alphabets) in each split."""
     x, y = read_split(SHARED_MNIST, "t10k")
     path = folder / "mnist.npz"
     np.savez(path, x_train=x[:2000], y_train=y[:2000], x_val=x[2000:2500], y_val=y[2000:2500])
-    return path
+    others = folder / "not_digits.npz"
+    images = np.round(scribbles(60, seed=99) * 255).astype(np.uint8)
+    np.savez(others, images=images, split=np.array(["train", "validation", "test"] * 20))
+    return path, others
+
+
+def test_training_data_mixes_in_the_non_digits_at_their_share(tmp_path):
+    mnist, others = small_prepared_split(tmp_path)
+    data = load_data(mnist, others, settings(not_digit_share=0.2, scribbles=100))
+    labels = data["y_train"]
+    share = (labels == NOT_A_DIGIT).mean()
+    assert 0.15 <= share <= 0.25
+    assert (labels[:2000] < 10).all() and data["x_train"].shape[1:] == (28, 28)
+    # Validation holds the MNIST validation digits and only the held-out split's non-digits.
+    assert (data["y_val"] == NOT_A_DIGIT).sum() == 20 and (data["y_val"] < 10).sum() == 500
 
 
 @pytest.fixture
@@ -223,12 +283,13 @@ def tracking(tmp_path):
 @pytest.mark.slow
 def test_members_train_in_parallel_workers_and_the_model_averages_them(tmp_path, tracking):
     data = small_prepared_split(tmp_path)
-    members, epochs = train(data, settings(members=2, epochs=1, batch_size=100), tmp_path)
-    model, _ = calibrated_model(members, load_prepared(data))
+    run = settings(members=2, epochs=1, batch_size=100)
+    members, epochs = train(data, run, tmp_path)
+    model, _, _ = calibrated_model(members, load_data(*data, run), 0.01)
 
     members = [layer for layer in model.layers if isinstance(layer, keras.Model)]
     assert [member.name for member in members] == ["member_1", "member_2"]
-    images = as_batch(load_prepared(data)["x_val"][:16].astype(np.float32) / 255.0)
+    images = as_batch(load_prepared(data[0])["x_val"][:16].astype(np.float32) / 255.0)
     first, second = (member(images).numpy() for member in members)
     assert not np.allclose(first, second)  # seeds seed and seed + 1 give different networks
     np.testing.assert_allclose(model(images).numpy(), (first + second) / 2, atol=1e-6)
