@@ -13,6 +13,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = REPO.parent / "shared" / "mnist"
+SHARED_OMNIGLOT = REPO.parent / "shared" / "omniglot"
 FAST_PARAMS = REPO / "tests" / "fast_params.yaml"
 
 
@@ -33,6 +34,7 @@ class FastProject:
         env.update(
             PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
             MNIST_MIRROR=str(SHARED_MNIST),
+            OMNIGLOT_MIRROR=str(SHARED_OMNIGLOT),
             BENTOML_HOME=str(self.bentoml_home),
             BENTOML_DO_NOT_TRACK="True",
             MLFLOW_TRACKING_URI=self.tracking_uri,

@@ -28,7 +28,14 @@ from mlflow.tracking import MlflowClient
 from pipelines.preprocessing import bytes_to_input
 from service.runtime import SERVING_MODEL_FILE, LiteRTModel
 from tests.conftest import data_url, free_port, render_canvas, running_server, serve
-from tests.helpers import REPO, SHARED_MNIST, FastProject, make_fast_project, run_in
+from tests.helpers import (
+    REPO,
+    SHARED_MNIST,
+    SHARED_OMNIGLOT,
+    FastProject,
+    make_fast_project,
+    run_in,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -99,6 +106,7 @@ def main_job(project: FastProject, log_path: Path) -> Iterator[str]:
     }
     env.update(
         MNIST_MIRROR=str(SHARED_MNIST),
+        OMNIGLOT_MIRROR=str(SHARED_OMNIGLOT),
         BENTOML_HOME=str(project.bentoml_home),
         HOST="127.0.0.1",
         PORT=str(port),

@@ -1,29 +1,34 @@
 """Tests for the `download` stage against real mirrors: an HTTP server on 127.0.0.1 started
 by each test, local directories and file:// URLs. Most tests serve small synthetic IDX files
-(patched into the checksum table) to stay fast; one test downloads and prepares the real
-MNIST files from the shared local copy."""
+and Omniglot-shaped zips (patched into the checksum tables) to stay fast; a few read the real
+MNIST files and Omniglot zips from the shared local copies."""
 
 from __future__ import annotations
 
 import gzip
 import hashlib
 import http.server
+import io
 import logging
 import os
 import subprocess
 import sys
 import threading
 import time
+import zipfile
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image, ImageDraw
 
 from pipelines import download
-from pipelines.download import DownloadError, DownloadSettings, IdxFormatError
+from pipelines.download import DownloadError, DownloadSettings, IdxFormatError, OmniglotSettings
+from pipelines.preprocessing import ink_to_input
 from tests.helpers import REPO as REPO_ROOT
-from tests.helpers import SHARED_MNIST
+from tests.helpers import SHARED_MNIST, SHARED_OMNIGLOT
 
 TRAIN_COUNT, TEST_COUNT, VALIDATION_SIZE = 30, 8, 6
 
@@ -223,6 +228,10 @@ def write_params(path: Path, mirrors: list[str]) -> Path:
         f"  mirrors: {mirrors}\n"
         "  timeout_seconds: 0.3\n  retries: 1\n  backoff_seconds: 0.0\n"
         f"  validation_size: {VALIDATION_SIZE}\n  split_seed: 7\n"
+        "  omniglot:\n"
+        "    mirrors: [https://unused.invalid/]\n"
+        "    validation_alphabets: [Beta]\n    test_alphabets: [Gamma]\n"
+        "    exclude: [Alpha/character02]\n    stroke_width: [1.7, 3.3]\n    stroke_seed: 5\n"
     )
     return path
 
@@ -235,7 +244,7 @@ def test_stage_exits_nonzero_with_one_error_line_when_no_source_has_the_files(tm
         [sys.executable, "-m", "pipelines.download", "--params", str(params)]
         + ["--raw-dir", str(tmp_path / "raw"), "--out", str(tmp_path / "mnist.npz")],
         cwd=REPO_ROOT,
-        env=os.environ | {"MNIST_MIRROR": str(empty)},
+        env=os.environ | {"MNIST_MIRROR": str(empty), "OMNIGLOT_MIRROR": str(empty)},
         capture_output=True,
         text=True,
         timeout=60,
@@ -250,17 +259,24 @@ def test_stage_exits_nonzero_with_one_error_line_when_no_source_has_the_files(tm
 
 
 @pytest.mark.parametrize("form", ["relative directory", "file URL"])
-def test_mnist_mirror_env_overrides_params_mirrors(tmp_path, mirror_dir, serve, monkeypatch, form):
+def test_mnist_mirror_env_overrides_params_mirrors(
+    tmp_path, mirror_dir, omniglot_dir, serve, monkeypatch, form
+):
     unused = serve(mirror_dir)
     params = write_params(tmp_path / "params.yaml", [unused.url])
     monkeypatch.chdir(tmp_path)
     mirror = "mirror" if form == "relative directory" else mirror_dir.as_uri()
+    omniglot = "omniglot" if form == "relative directory" else omniglot_dir.as_uri()
     monkeypatch.setenv("MNIST_MIRROR", mirror)
+    monkeypatch.setenv("OMNIGLOT_MIRROR", omniglot)
     download.main(["--params", str(params), "--raw-dir", "raw", "--out", "prepared/mnist.npz"])
-    assert_verified(tmp_path / "raw", mirror_dir)
+    for name in download.MNIST_FILES:
+        assert (tmp_path / "raw" / name).read_bytes() == (mirror_dir / name).read_bytes()
     assert unused.requests == []
     prepared = download.load_prepared(tmp_path / "prepared" / "mnist.npz")
     assert prepared["x_train"].shape == (TRAIN_COUNT - VALIDATION_SIZE, 28, 28)
+    not_digits = download.load_prepared(Path("data/prepared/not_digits.npz"))  # the default
+    assert len(not_digits["images"]) == TINY_KEPT
 
 
 def test_rerun_skips_verified_files_without_any_request(tmp_path, mirror_dir, serve, caplog):
@@ -357,3 +373,226 @@ def test_real_mnist_files_verify_and_prepare_byte_identically(tmp_path, monkeypa
     assert np.array_equal(data["x_train"], x_full[train])
     assert np.array_equal(data["x_val"], x_full[val])
     assert listing(tmp_path) == ["first.npz", "raw", "second.npz"]  # no temp files
+
+
+# Omniglot: the "not a digit" drawings. A tiny pair of zips laid out like the real ones
+# (subset/alphabet/characterNN/ID_drawer.png), with the alphabet "Shared" in both, byte for byte.
+TINY_LAYOUT = {
+    "images_background_small1.zip": {"Alpha": 2, "Shared": 2},
+    "images_background_small2.zip": {"Shared": 2, "Beta": 2, "Gamma": 1},
+}
+TINY_DRAWERS = 3
+TINY_DISTINCT = (2 + 2 + 2 + 1) * TINY_DRAWERS  # Shared counts once
+TINY_KEPT = TINY_DISTINCT - TINY_DRAWERS  # Alpha/character02 is excluded
+
+
+def tiny_settings(**overrides: object) -> OmniglotSettings:
+    values = dict(
+        mirrors=(),
+        validation_alphabets=("Beta",),
+        test_alphabets=("Gamma",),
+        exclude=("Alpha/character02",),
+        stroke_width=(1.7, 3.3),
+        stroke_seed=5,
+    )
+    return OmniglotSettings(**(values | overrides))
+
+
+def drawing_png(key: str) -> bytes:
+    """A 105x105 1-bit PNG: a black polyline 3 px wide on white, its own for every key."""
+    rng = np.random.default_rng(list(hashlib.sha256(key.encode()).digest()))
+    image = Image.new("1", (105, 105), 1)
+    points = [(int(x), int(y)) for x, y in rng.integers(15, 90, size=(4, 2))]
+    ImageDraw.Draw(image).line(points, fill=0, width=3)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_tiny_zip(path: Path, alphabets: dict[str, int]) -> Path:
+    with zipfile.ZipFile(path, "w") as archive:
+        for alphabet, characters in alphabets.items():
+            for character in range(1, characters + 1):
+                folder = f"{path.stem}/{alphabet}/character{character:02d}"
+                for drawer in range(1, TINY_DRAWERS + 1):
+                    png = drawing_png(f"{alphabet}/{character}/{drawer}")
+                    archive.writestr(f"{folder}/09{character:02d}_{drawer:02d}.png", png)
+    return path
+
+
+@pytest.fixture
+def omniglot_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A directory with the two tiny zips, whose checksums replace OMNIGLOT_SHA256."""
+    root = tmp_path / "omniglot"
+    root.mkdir()
+    for name, alphabets in TINY_LAYOUT.items():
+        write_tiny_zip(root / name, alphabets)
+    table = {name: download.file_sha256(root / name) for name in TINY_LAYOUT}
+    monkeypatch.setattr(download, "OMNIGLOT_SHA256", table)
+    return root
+
+
+@pytest.fixture(scope="module")
+def real_drawings() -> list[download.Drawing]:
+    return download.read_drawings([SHARED_OMNIGLOT / name for name in download.OMNIGLOT_SHA256])
+
+
+def test_omniglot_zip_with_wrong_checksum_is_refused_and_not_kept(tmp_path, serve):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for name in download.OMNIGLOT_SHA256:
+        (bad / name).write_bytes((SHARED_OMNIGLOT / name).read_bytes()[:-1])  # one byte short
+    raw = tmp_path / "raw"
+    sources = [download.resolve_sources([], str(bad))[0], serve(bad, "corrupt").url]
+    with pytest.raises(DownloadError, match="images_background_small1.zip") as raised:
+        download.download_all(raw, sources, settings(), download.OMNIGLOT_SHA256)
+    assert str(raised.value).count("wrong SHA-256") == 2  # both sources named
+    assert listing(raw) == []
+
+
+def test_real_omniglot_zips_verify_and_hold_4840_distinct_drawings(tmp_path, real_drawings):
+    raw = tmp_path / "raw"
+    sources = download.resolve_sources([], SHARED_OMNIGLOT.as_uri())
+    download.download_all(raw, sources, settings(), download.OMNIGLOT_SHA256)
+    assert listing(raw) == sorted(download.OMNIGLOT_SHA256)
+    pngs = 0
+    for name in download.OMNIGLOT_SHA256:
+        with zipfile.ZipFile(raw / name) as archive:
+            pngs += sum(entry.endswith(".png") for entry in archive.namelist())
+    assert pngs == 5840  # Latin (520) and Greek (480) are in both zips
+    assert len(real_drawings) == 4840
+    per_character = Counter(drawing.character for drawing in real_drawings)
+    assert len(per_character) == 242 and set(per_character.values()) == {20}
+    assert len({drawing.alphabet for drawing in real_drawings}) == 8
+
+
+def test_duplicates_across_the_zips_count_once(omniglot_dir):
+    drawings = download.read_drawings([omniglot_dir / name for name in TINY_LAYOUT])
+    assert len(drawings) == TINY_DISTINCT
+    assert len({hashlib.sha256(drawing.png).digest() for drawing in drawings}) == TINY_DISTINCT
+    keys = [(drawing.character, drawing.drawer) for drawing in drawings]
+    assert keys == sorted(keys)
+    assert Counter(drawing.alphabet for drawing in drawings)["Shared"] == 2 * TINY_DRAWERS
+
+
+def test_exclusions_remove_every_drawing_of_a_character_and_refuse_unknown_names(omniglot_dir):
+    drawings = download.read_drawings([omniglot_dir / name for name in TINY_LAYOUT])
+    kept = download.without_characters(drawings, ["Alpha/character02", "Beta/character01"])
+    assert len(kept) == TINY_DISTINCT - 2 * TINY_DRAWERS
+    assert {"Alpha/character02", "Beta/character01"}.isdisjoint(d.character for d in kept)
+    with pytest.raises(ValueError, match="no such characters: Latin/character15"):
+        download.without_characters(drawings, ["Latin/character15"])
+
+
+def test_params_exclusions_and_split_alphabets_name_real_characters(real_drawings):
+    omniglot = OmniglotSettings.from_params(REPO_ROOT / "params.yaml")
+    kept = download.without_characters(real_drawings, omniglot.exclude)
+    assert len(set(omniglot.exclude)) == len(omniglot.exclude) == 52
+    assert len({drawing.character for drawing in kept}) == 242 - 52
+    splits = download.split_of([drawing.alphabet for drawing in kept], omniglot)
+    assert Counter(splits) == {"train": 2240, "validation": 740, "test": 820}
+
+
+def test_prepared_not_digits_hold_whole_alphabets_per_split_in_mnist_format(tmp_path, omniglot_dir):
+    out = tmp_path / "not_digits.npz"
+    counts = download.prepare_not_digits(omniglot_dir, out, tiny_settings())
+    data = download.load_prepared(out)
+    count = len(data["images"])
+    assert count == TINY_KEPT
+    assert counts == {"train": 3 * TINY_DRAWERS, "validation": 6, "test": 3}
+    assert data["images"].dtype == np.uint8 and data["images"].shape == (count, 28, 28)
+    assert data["images"].max() == 255
+    for key in ("alphabet", "character", "split"):
+        assert data[key].dtype.kind == "U" and data[key].shape == (count,)
+    assert data["drawer"].dtype.kind == "i" and set(data["drawer"]) == {1, 2, 3}
+    assert "Alpha/character02" not in data["character"]
+    split_of_alphabet = {}
+    for alphabet, split in zip(data["alphabet"], data["split"], strict=True):
+        assert split_of_alphabet.setdefault(alphabet, split) == split  # one split per alphabet
+    assert split_of_alphabet == {
+        "Alpha": "train",
+        "Shared": "train",
+        "Beta": "validation",
+        "Gamma": "test",
+    }
+
+
+def test_not_digits_are_byte_identical_on_a_second_run(tmp_path, omniglot_dir, monkeypatch):
+    download.prepare_not_digits(omniglot_dir, tmp_path / "first.npz", tiny_settings())
+    later = time.time() + 86_400  # a ZIP stamped with the time would differ
+    monkeypatch.setattr(time, "time", lambda: later)
+    download.prepare_not_digits(omniglot_dir, tmp_path / "second.npz", tiny_settings())
+    assert (tmp_path / "first.npz").read_bytes() == (tmp_path / "second.npz").read_bytes()
+
+
+def test_redrawn_strokes_are_as_wide_as_mnist_and_raw_ones_are_not(real_drawings):
+    """On one drawing of every character: the prepared drawings' median stroke width lies in
+    the middle half of MNIST's, where the drawings as drawn fall below MNIST's lower quartile."""
+    sample = [drawing for drawing in real_drawings if drawing.drawer == 1]
+    omniglot = OmniglotSettings.from_params(REPO_ROOT / "params.yaml")
+    widths = np.random.default_rng(0).uniform(*omniglot.stroke_width, size=len(sample))
+    redrawn = download.stroke_width(download.drawings_to_inputs(sample, widths))
+    as_drawn = download.stroke_width(
+        np.stack(
+            [
+                np.round(ink_to_input(download.ink_mask(drawing.png)) * 255).astype(np.uint8)
+                for drawing in sample
+            ]
+        )
+    )
+    digits = download.read_idx(SHARED_MNIST / "train-images-idx3-ubyte.gz")[:5000]
+    mnist = download.stroke_width(digits)
+    low, middle, high = np.percentile(mnist, [25, 50, 75])
+    assert low < np.median(redrawn) < high
+    assert abs(np.median(redrawn) - middle) < 0.25
+    assert np.percentile(redrawn, 25) > np.percentile(mnist, 10)
+    assert np.percentile(redrawn, 75) < np.percentile(mnist, 90)
+    assert np.median(as_drawn) < low
+
+
+def test_pen_width_is_relative_to_the_character_size():
+    """The same stroke shape drawn small or large comes out equally wide in the 20 px box."""
+    outputs = []
+    for length in (30, 90):
+        centre = np.zeros((105, 105), dtype=bool)
+        centre[10 : 10 + length, 50] = True  # a vertical line, like a 1
+        image = ink_to_input(download.pen_ink(centre, 3.0))
+        outputs.append(download.stroke_width(np.round(image * 255).astype(np.uint8)[None])[0])
+    assert outputs[0] == pytest.approx(outputs[1], abs=0.3)
+    assert outputs[0] == pytest.approx(3.0, abs=0.5)
+
+
+def test_skeleton_thins_a_thick_bar_to_one_pixel():
+    masks = np.zeros((2, 20, 30), dtype=bool)
+    masks[0, 8:13, 3:27] = True  # a bar 5 pixels thick
+    centre = download.skeleton(masks)
+    assert centre[1].sum() == 0
+    assert centre[0].any(axis=1).sum() == 1  # one row left
+    assert 15 <= centre[0].sum() <= 24
+
+
+def test_omniglot_settings_refuse_an_alphabet_in_two_splits():
+    with pytest.raises(ValueError, match="validation and test"):
+        tiny_settings(validation_alphabets=("Beta",), test_alphabets=("Beta",))
+    with pytest.raises(ValueError, match="stroke_width"):
+        tiny_settings(stroke_width=(3.0, 2.0))
+
+
+def test_stage_fails_with_one_line_when_omniglot_mirror_lacks_the_zips(
+    tmp_path, mirror_dir, monkeypatch, caplog
+):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    params = write_params(tmp_path / "params.yaml", ["https://unused.invalid/"])
+    monkeypatch.setenv("MNIST_MIRROR", str(mirror_dir))
+    monkeypatch.setenv("OMNIGLOT_MIRROR", str(empty))
+    out = tmp_path / "not_digits.npz"
+    with pytest.raises(SystemExit) as raised:
+        download.main(
+            ["--params", str(params), "--raw-dir", str(tmp_path / "raw")]
+            + ["--out", str(tmp_path / "mnist.npz"), "--not-digits-out", str(out)]
+        )
+    assert raised.value.code == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "could not fetch images_background_small1.zip" in errors[0]
+    assert (tmp_path / "mnist.npz").exists() and not out.exists()
