@@ -1,7 +1,8 @@
 """ASGI middleware that keeps malformed requests away from the API and makes every refusal JSON.
 
 For every request: a declared Content-Length above the limit gets 413 before anything is read.
-For the API routes (POST /predict, /predict_batch) it also checks, before BentoML sees them:
+For the API routes (POST /predict, /predict_batch, /read) it also checks, before BentoML sees
+them:
 - the method is POST (else 405) and the Content-Type is application/json (else 415);
 - the body, read here chunk by chunk, stays within the limit even when no length was declared
   (else 413 as soon as the limit is passed; the rest is only drained, see below);
@@ -9,7 +10,8 @@ For the API routes (POST /predict, /predict_batch) it also checks, before BentoM
   would answer these itself, but with its own body shape and a logged traceback per request.
 For every route it then rewrites any error answer that is not already `{"error", "reason"}`
 JSON: a 404 for an unknown path, a 405, an unexpected 500 (which says only that the server log
-has the details).
+has the details). The service's own refusals pass as they are, with any fields they add (the
+marks of a /read drawing that holds non-digits).
 
 A refusal can go out while the client is still sending its body (a 413, or a 404 to a POST).
 The answer is then sent with `Connection: close`, and the rest of the body is read and dropped
@@ -190,7 +192,7 @@ class RequestGuard:
         await self._send_json(send, error.status, error_body(error), extra_headers or [])
 
     async def _send_json(
-        self, send: Send, status: int, body: dict[str, str], headers: list[tuple[bytes, bytes]]
+        self, send: Send, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]]
     ) -> None:
         if self.on_reject is not None:
             self.on_reject(body["reason"])
@@ -230,8 +232,9 @@ class RequestGuard:
         return normalizing_send
 
 
-def normalized(status: int, body: bytes) -> dict[str, str]:
-    """`{"error", "reason"}` for any error body BentoML or the service produced."""
+def normalized(status: int, body: bytes) -> dict[str, Any]:
+    """`{"error", "reason"}` for any error body BentoML or the service produced; a body that
+    already has both keeps its other fields."""
     try:
         data: Any = json.loads(body)
     except ValueError:
@@ -239,7 +242,7 @@ def normalized(status: int, body: bytes) -> dict[str, str]:
     if isinstance(data, list) and len(data) == 1:
         data = data[0]  # BentoML 1.4 wraps the body of a raised BentoMLException in a list
     if isinstance(data, dict) and isinstance(data.get("reason"), str) and "error" in data:
-        return {"error": str(data["error"]), "reason": data["reason"]}
+        return {**data, "error": str(data["error"])}
     if status >= 500:
         return {
             "error": "internal error; the server log has the details",

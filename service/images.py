@@ -1,21 +1,29 @@
-"""From the `image` string of a request to the model's 28x28 input.
+"""From the `image` string of a request to a plan: the 28x28 inputs the model must classify.
 
 The string is a data URL (`data:image/png;base64,...`, what a canvas's `toDataURL` gives) or
-bare base64. Decoding and preprocessing are the shared contract in `pipelines.preprocessing`:
-known formats only (PNG, JPEG, GIF, BMP, WebP), the size checked from the header before any
-pixel is decoded, and animated images (GIF, APNG, animated WebP) read from their first frame.
+bare base64. Decoding, preprocessing and splitting a drawing into marks are the shared contract
+in `pipelines.preprocessing`: known formats only (PNG, JPEG, GIF, BMP, WebP), the size checked
+from the header before any pixel is decoded, and animated images (GIF, APNG, animated WebP)
+read from their first frame. /predict plans with `plan_single`, /read with `plan_reading`; the
+service runs the model on the plan's inputs and hands the probabilities back to the plan.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Callable
 from http import HTTPStatus
+from typing import TypeVar
 
 import numpy as np
 
-from pipelines.preprocessing import bytes_to_input
+from pipelines.preprocessing import decode_image, ink_map, working_scale
 from service.errors import RequestError
+
+Plan = TypeVar("Plan")
+# plan_single or plan_reading: (ink map, ink-map pixels to sent pixels, sent size) -> a plan
+Planner = Callable[[np.ndarray, int, tuple[int, int]], Plan]
 
 DATA_URL_PREFIX = "data:"
 
@@ -55,10 +63,11 @@ def image_bytes(value: str) -> bytes:
     return data
 
 
-def read_image(value: str, max_pixels: int) -> np.ndarray:
-    """Decode and preprocess one request image to a (28, 28) float32 array in [0, 1].
+def plan_image(value: str, max_pixels: int, planner: Planner[Plan]) -> Plan:
+    """Decode one request image and plan its reading with `planner`.
 
     Raises RequestError for a bad encoding and ImageError (NoDigitError for a blank image) for
     anything the preprocessing contract refuses.
     """
-    return bytes_to_input(image_bytes(value), max_pixels=max_pixels)
+    image = decode_image(image_bytes(value), max_pixels=max_pixels)
+    return planner(ink_map(image), working_scale(image), image.size)

@@ -16,13 +16,15 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from prometheus_client import Counter, Histogram
 
+# Refusals about what was drawn, listed (at 0) from the start so that dashboards find them.
+DRAWING_REFUSALS = ("no_digit", "not_a_digit", "several_digits")
 CONFIDENCE_BUCKETS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 1.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 @dataclass(frozen=True)
 class Metrics:
-    predictions: Counter  # labels: digit
+    predictions: Counter  # labels: digit (each digit /read reads counts too)
     confidence: Histogram  # the predicted digit's probability
     rejected: Counter  # labels: reason
     model_batch_size: Histogram  # images per model call
@@ -32,7 +34,7 @@ class Metrics:
 def metrics() -> Metrics:
     import prometheus_client
 
-    return Metrics(
+    created = Metrics(
         predictions=prometheus_client.Counter(
             "digits_predictions", "Predictions answered, by predicted digit", ["digit"]
         ),
@@ -48,6 +50,9 @@ def metrics() -> Metrics:
             "digits_model_batch_size", "Images per model call", buckets=BATCH_BUCKETS
         ),
     )
+    for reason in DRAWING_REFUSALS:
+        created.rejected.labels(reason=reason)
+    return created
 
 
 def count_prediction(digit: int, confidence: float) -> None:

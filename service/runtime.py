@@ -21,7 +21,7 @@ SERVING_MODEL_FILE = "model.tflite"
 
 
 class LiteRTModel:
-    """(N, 28, 28) images in [0, 1] -> (N, 10) probabilities, on `threads` cores.
+    """(N, 28, 28) images in [0, 1] -> (N, classes) probabilities, on `threads` cores.
 
     Not thread-safe: the micro-batcher calls it from its one model thread.
     """
@@ -31,7 +31,9 @@ class LiteRTModel:
 
         self._interpreter = Interpreter(model_path=path, num_threads=threads)
         self._input = self._interpreter.get_input_details()[0]["index"]
-        self._output = self._interpreter.get_output_details()[0]["index"]
+        output = self._interpreter.get_output_details()[0]
+        self._output = output["index"]
+        self.classes = int(output["shape"][-1])  # the model's outputs per image
         self._batch_size = 0  # the batch size the interpreter's tensors are allocated for
 
     def __call__(self, images: np.ndarray) -> np.ndarray:

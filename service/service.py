@@ -3,13 +3,16 @@
     bentoml serve                                    # from the repository root, port 3000
     curl -s localhost:3000/predict -H 'Content-Type: application/json' \
         -d "{\"image\": \"data:image/png;base64,$(base64 -w0 digit.png)\"}"
-    {"digit": 3, "confidence": 0.998, "probabilities": [...], "top3": [...], "model_version": ...}
+    {"digit": 3, "confidence": 0.998, "probabilities": [...], "top3": [...], ...}
+    curl -s localhost:3000/read ... (the same body, a number written on one line)
+    {"text": "2026", "confidence": 0.97, "digits": [...], "model_version": ...}
 
-Routes: POST /predict, POST /predict_batch, GET /info, the page (web/) at /, and BentoML's
-/livez, /readyz and /metrics. Every refusal is JSON `{"error", "reason"}` (see errors.py and
-guard.py); the limits are in settings.py. The model is the newest `digits-cnn` in the BentoML
-store, run on LiteRT (runtime.py, no TensorFlow in the server) through a micro-batcher
-(batcher.py).
+Routes: POST /predict, POST /predict_batch, POST /read, GET /info, the page (web/) at /, and
+BentoML's /livez, /readyz and /metrics. Every refusal is JSON `{"error", "reason"}` (see
+errors.py and guard.py); the limits are in settings.py. The model is the newest `digits-cnn` in
+the BentoML store, run on LiteRT (runtime.py, no TensorFlow in the server) through a
+micro-batcher (batcher.py). A request's walk: decode and plan (images.py, the contract in
+pipelines/preprocessing.py), one model call for all the plan's inputs, the answer (answers.py).
 """
 
 from __future__ import annotations
@@ -32,12 +35,28 @@ from starlette.routing import Match, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import Scope
 
-from pipelines.preprocessing import PREPROCESSING_VERSION, ImageError
+from pipelines.preprocessing import (
+    CLASSES,
+    PREPROCESSING_VERSION,
+    ImageError,
+    Mark,
+    SingleDigitPlan,
+    plan_reading,
+    plan_single,
+)
 from service import metrics
+from service.answers import (
+    BatchPrediction,
+    Prediction,
+    Reading,
+    not_a_digit_refusal,
+    prediction,
+    reading,
+)
 from service.batcher import MicroBatcher
 from service.errors import RequestError, error_body, error_response
 from service.guard import RequestGuard
-from service.images import read_image
+from service.images import Plan, Planner, plan_image
 from service.runtime import SERVING_MODEL_FILE, load_model
 from service.settings import Settings
 
@@ -73,28 +92,6 @@ class PredictBatchRequest(BaseModel):
         description="Images, each like `image` of /predict",
         examples=[[EXAMPLE_IMAGE]],
     )
-
-
-class Candidate(BaseModel):
-    digit: int
-    probability: float
-
-
-class Prediction(BaseModel):
-    digit: int = Field(description="The most probable digit")
-    confidence: float = Field(description="Its probability")
-    probabilities: list[float] = Field(description="Probability of each digit 0-9")
-    top3: list[Candidate] = Field(description="The three most probable digits, best first")
-    model_version: str = Field(description="The model's tag in the BentoML store")
-
-
-class Refusal(BaseModel):
-    error: str
-    reason: str
-
-
-class BatchPrediction(BaseModel):
-    predictions: list[Prediction | Refusal]
 
 
 async def info(request: Request) -> JSONResponse:
@@ -179,6 +176,12 @@ class Digits:
         self.infer = load_model(
             stored.path_of(SERVING_MODEL_FILE), SETTINGS.model_threads, SETTINGS.warmup_batch_sizes
         )
+        if self.infer.classes != CLASSES:
+            raise RuntimeError(
+                f"model {stored.tag} answers {self.infer.classes} classes, but this code reads "
+                f"{CLASSES} (the digits 0-9, then not-a-digit); package a model trained with "
+                "the current code"
+            )
         self.batcher = MicroBatcher(
             self.infer,
             max_batch=SETTINGS.max_model_batch,
@@ -188,69 +191,91 @@ class Digits:
         self.decoders = ThreadPoolExecutor(
             SETTINGS.preprocess_threads, thread_name_prefix="digits-decode"
         )
+        metrics.metrics()  # now, so that /metrics lists every refusal reason from the start
         log.info("serving %s", self.model_version)
 
     @bentoml.api(input_spec=PredictRequest)
     async def predict(self, image: str) -> Prediction:
-        """The digit in one image. A blank image answers 422 with reason `no_digit`."""
+        """The digit in one image. Refused with 422: a blank image (`no_digit`), a drawing that
+        is not a digit (`not_a_digit`), several digits (`several_digits`: use /read)."""
         try:
-            pixels = await self.preprocess(image)
+            plan = await self.plan(image, plan_single)
+            mark = plan.digit(await self.batcher.predict(plan.inputs))
         except (RequestError, ImageError) as error:
             return error_response(error)  # BentoML sends a returned Response as it is
-        probabilities = await self.batcher.predict(pixels[np.newaxis])
-        return self.answer(probabilities[0])
+        return self.prediction(mark)
 
     @bentoml.api(input_spec=PredictBatchRequest)
     async def predict_batch(self, images: list[str]) -> BatchPrediction:
         """Several images in one model call; each answer is a prediction or a refusal."""
-        decoded = await asyncio.gather(
-            *(self.preprocess(image, inline=False) for image in images), return_exceptions=True
+        plans = await asyncio.gather(
+            *(self.plan(image, plan_single, inline=False) for image in images),
+            return_exceptions=True,
         )
-        good = [index for index, item in enumerate(decoded) if isinstance(item, np.ndarray)]
         answers: list[Any] = [None] * len(images)
-        for index, item in enumerate(decoded):
-            if isinstance(item, (RequestError, ImageError)):
-                metrics.count_rejection(item.reason)
-                answers[index] = error_body(item)
-            elif isinstance(item, BaseException):
+        good = []
+        for index, item in enumerate(plans):
+            if isinstance(item, SingleDigitPlan):
+                good.append(index)
+            elif isinstance(item, (RequestError, ImageError)):
+                answers[index] = self.refusal(item)
+            else:
                 raise item
         if good:
-            probabilities = await self.batcher.predict(np.stack([decoded[i] for i in good]))
-            for index, row in zip(good, probabilities, strict=True):
-                answers[index] = self.answer(row)
+            probabilities = await self.batcher.predict(
+                np.concatenate([plans[i].inputs for i in good])
+            )
+            start = 0
+            for index in good:
+                plan = plans[index]
+                rows = probabilities[start : start + len(plan.inputs)]
+                start += len(plan.inputs)
+                try:
+                    answers[index] = self.prediction(plan.digit(rows))
+                except ImageError as error:
+                    answers[index] = self.refusal(error)
         return BatchPrediction(predictions=answers)
 
-    async def preprocess(self, image: str, inline: bool = True) -> np.ndarray:
-        """Decode and preprocess one image to (28, 28) float32 in [0, 1].
+    @bentoml.api(input_spec=PredictRequest)
+    async def read(self, image: str) -> Reading:
+        """The number written on one line, left to right, any length. Refused with 422: a blank
+        image (`no_digit`), or marks that are not digits (`not_a_digit`, with every mark)."""
+        try:
+            plan = await self.plan(image, plan_reading)
+        except (RequestError, ImageError) as error:
+            return error_response(error)
+        marks = plan.marks(await self.batcher.predict(plan.inputs))
+        if not all(mark.is_digit for mark in marks):
+            return not_a_digit_refusal(marks)
+        for mark in marks:
+            metrics.count_prediction(mark.digit, mark.confidence)
+        return reading(marks, self.model_version)
 
-        A canvas-sized image (~13 kB of base64, ~1.7 ms of work) is done right here on the event
-        loop: on 2 cores that costs less than handing it to a thread and back (measured: ~20%
-        less CPU per request, and more requests per second). Larger images, and the images of
-        a batch, go to a thread pool so that the loop keeps serving meanwhile. The pixel limit
-        bounds the worst inline case (a 2048x2048 PNG can fit in 12 kB) to ~15 ms.
+    async def plan(self, image: str, planner: Planner[Plan], inline: bool = True) -> Plan:
+        """Decode one image and plan its reading (the model inputs it needs).
+
+        A canvas-sized image (~13 kB of base64, ~1.7 ms of work for /predict) is done right
+        here on the event loop: on 2 cores that costs less than handing it to a thread and back
+        (measured: ~20% less CPU per request, and more requests per second). Larger images, and
+        the images of a batch, go to a thread pool so that the loop keeps serving meanwhile.
+        The pixel limit bounds the worst inline case (a 2048x2048 PNG can fit in 12 kB).
         """
         if inline and len(image) <= SETTINGS.inline_image_chars:
-            return read_image(image, SETTINGS.max_image_pixels)
+            return plan_image(image, SETTINGS.max_image_pixels, planner)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
-            self.decoders, read_image, image, SETTINGS.max_image_pixels
+            self.decoders, plan_image, image, SETTINGS.max_image_pixels, planner
         )
 
-    def answer(self, probabilities: np.ndarray) -> Prediction:
-        ranked = np.argsort(probabilities)[::-1]
-        digit = int(ranked[0])
-        confidence = float(probabilities[digit])
-        metrics.count_prediction(digit, confidence)
-        return Prediction(
-            digit=digit,
-            confidence=round(confidence, 6),
-            probabilities=[round(float(p), 6) for p in probabilities],
-            top3=[
-                Candidate(digit=int(d), probability=round(float(probabilities[d]), 6))
-                for d in ranked[:3]
-            ],
-            model_version=self.model_version,
-        )
+    def prediction(self, mark: Mark) -> Prediction:
+        answer = prediction(mark, self.model_version)
+        metrics.count_prediction(answer.digit, answer.confidence)
+        return answer
+
+    def refusal(self, error: RequestError | ImageError) -> dict[str, str]:
+        """A batch item's refusal, counted like a refused request."""
+        metrics.count_rejection(error.reason)
+        return error_body(error)
 
     @bentoml.on_shutdown
     async def close(self) -> None:

@@ -19,16 +19,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from tests.helpers import REPO as REPO_ROOT
-from tests.helpers import SHARED_MNIST, FastProject, make_fast_project
+from tests.helpers import SHARED_MNIST, SHARED_OMNIGLOT, FastProject, make_fast_project
 
 BENTOML = REPO_ROOT / ".venv" / "bin" / "bentoml"
 CANVAS_SIDE = 280  # the drawing page's canvas, in pixels
@@ -64,35 +64,58 @@ _TEMP_ROOT = pytest.StashKey[Path]()
 # ---- The model -------------------------------------------------------------------------------
 
 
-def save_test_model(epochs: int = 2, train_images: int = 20_000) -> str:
-    """Train a small real CNN on MNIST and save it to the BentoML store as `digits-cnn`.
+TEST_MODEL_NOT_DIGIT_SHARE = 0.1  # share of the training images that are not digits
+TEST_MODEL_SCRIBBLES = 1000  # synthetic scribbles among them (the train stage's own)
+TEST_MODEL_MAX_DIGIT_REFUSAL = 0.005  # validation digits the fitted threshold may refuse
 
-    A stand-in for the `package` stage: same files, same metadata keys, a model good enough
-    (~97% on the test set) to read rendered MNIST digits correctly. Returns the model's tag.
-    Swap the body for the real fast pipeline when it exists.
+
+def save_test_model(
+    not_digits: dict[str, np.ndarray], epochs: int = 2, train_images: int = 20_000
+) -> str:
+    """Train a small real CNN and save it to the BentoML store as `digits-cnn`.
+
+    A stand-in for the `package` stage: same files, same metadata keys, the same eleven classes
+    (digits, then not a digit) learnt the way the train stage learns them: MNIST digits, the
+    download stage's non-digit drawings of the training alphabets and the train stage's
+    scribbles, with the "not a digit" threshold fitted on validation (MNIST digits and the
+    validation alphabets) and folded into the model. Good enough (~97% of test digits) to read
+    rendered MNIST digits. `not_digits` is the download stage's not_digits.npz. Returns the tag.
     """
     import bentoml
     import keras
 
     from pipelines.download import read_split
-    from pipelines.model import build_model
+    from pipelines.model import build_model, raise_logit
     from pipelines.package import export_for_serving
-    from pipelines.preprocessing import PREPROCESSING_VERSION, as_batch
+    from pipelines.preprocessing import NOT_A_DIGIT, PREPROCESSING_VERSION, as_batch
+    from pipelines.train import fit_refusal_shift, scribbles
 
     keras.utils.set_random_seed(0)
     images, labels = read_split(SHARED_MNIST, "train")
-    inputs = as_batch(images[:train_images] / 255.0)
+    split = not_digits["split"]
+    others = np.concatenate(
+        [not_digits["images"][split == "train"] / 255.0, scribbles(TEST_MODEL_SCRIBBLES, 0)]
+    )
+    wanted = TEST_MODEL_NOT_DIGIT_SHARE / (1 - TEST_MODEL_NOT_DIGIT_SHARE) * train_images
+    others = np.concatenate([others] * max(1, round(wanted / len(others))))
+    held_out = not_digits["images"][split == "validation"] / 255.0
+    x_val = as_batch(np.concatenate([images[-2000:] / 255.0, held_out]))
+    y_val = np.concatenate([labels[-2000:], np.full(len(held_out), NOT_A_DIGIT)])
     model = build_model((8, 16, 32), 0.2)
-    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    history = model.fit(
-        inputs,
-        labels[:train_images],
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    model.fit(
+        as_batch(np.concatenate([images[:train_images] / 255.0, others])),
+        np.concatenate([labels[:train_images], np.full(len(others), NOT_A_DIGIT)]),
         batch_size=64,
         epochs=epochs,
-        validation_data=(as_batch(images[-2000:] / 255.0), labels[-2000:]),
         verbose=0,
     )
-    val_accuracy = float(history.history["val_accuracy"][-1])
+    probabilities = np.asarray(model.predict(x_val, batch_size=1000, verbose=0))
+    shift = fit_refusal_shift([probabilities], y_val, TEST_MODEL_MAX_DIGIT_REFUSAL)
+    raise_logit(model, shift)
+    probabilities = np.asarray(model.predict(x_val, batch_size=1000, verbose=0))
+    is_digit = y_val != NOT_A_DIGIT
+    val_accuracy = float((probabilities[is_digit].argmax(axis=1) == y_val[is_digit]).mean())
     metadata = {
         "mlflow_run_id": "test-run-0000",
         "registry_version": 1,
@@ -110,19 +133,39 @@ def save_test_model(epochs: int = 2, train_images: int = 20_000) -> str:
         export_for_serving(
             Path(ref.path_of("model.keras")), Path(ref.path_of("model.tflite")), images[:64] / 255
         )
-    log.info("saved %s (val accuracy %.4f)", ref.tag, val_accuracy)
+    refused = probabilities.argmax(axis=1) == NOT_A_DIGIT
+    log.info(
+        "saved %s (val accuracy %.4f; refuses %.2f%% of digits, %.1f%% of held-out drawings)",
+        ref.tag,
+        val_accuracy,
+        100 * refused[is_digit].mean(),
+        100 * refused[~is_digit].mean(),
+    )
     return str(ref.tag)
 
 
 @pytest.fixture(scope="session")
-def bentoml_home() -> Path:
+def not_digit_drawings(tmp_path_factory: pytest.TempPathFactory) -> dict[str, np.ndarray]:
+    """The download stage's not_digits.npz (Omniglot drawings of letters and symbols, split by
+    alphabet), prepared from the shared copy of the zips."""
+    from pipelines.download import OmniglotSettings, load_prepared, prepare_not_digits
+
+    out = tmp_path_factory.mktemp("not_digits") / "not_digits.npz"
+    prepare_not_digits(
+        SHARED_OMNIGLOT, out, OmniglotSettings.from_params(REPO_ROOT / "params.yaml")
+    )
+    return load_prepared(out)
+
+
+@pytest.fixture(scope="session")
+def bentoml_home(request: pytest.FixtureRequest) -> Path:
     """The session's BENTOML_HOME, holding one trained `digits-cnn` model."""
     import bentoml
 
     try:
         bentoml.models.get("digits-cnn:latest")
     except bentoml.exceptions.NotFound:
-        save_test_model()
+        save_test_model(request.getfixturevalue("not_digit_drawings"))
     return Path(os.environ["BENTOML_HOME"])
 
 
@@ -280,6 +323,76 @@ def render_canvas(digit: np.ndarray, transparent: bool = True) -> bytes:
     buffer = io.BytesIO()
     canvas.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+NUMBER_CANVAS = (840, 280)  # width, height: a canvas wide enough for a four-digit number
+
+
+def render_line(
+    glyphs: Sequence[np.ndarray], size: tuple[int, int] = NUMBER_CANVAS, transparent: bool = True
+) -> bytes:
+    """Draw 28x28 glyphs (MNIST digits: light ink on black) left to right on one line, as the
+    page sends a number: dark strokes on a transparent background (or on white), each glyph
+    scaled up smoothly in its own equal slot, at most 3/4 of the canvas height, so that
+    neighbours do not touch. Encoded as PNG."""
+    width, height = size
+    slot = width // len(glyphs)
+    side = min(height * 3 // 4, slot)
+    ink = np.zeros((height, width), dtype=np.uint8)
+    for position, glyph in enumerate(glyphs):
+        scaled = Image.fromarray(np.asarray(glyph, dtype=np.uint8)).resize(
+            (side, side), Image.Resampling.BILINEAR
+        )
+        left, top = position * slot + (slot - side) // 2, (height - side) // 2
+        ink[top : top + side, left : left + side] = np.asarray(scaled)
+    if transparent:
+        canvas = Image.new("RGBA", size, (20, 20, 20, 0))
+        canvas.putalpha(Image.fromarray(ink))
+    else:
+        canvas = Image.fromarray(255 - ink)
+    buffer = io.BytesIO()
+    canvas.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def mnist_glyphs(text: str, images: np.ndarray, labels: np.ndarray) -> list[np.ndarray]:
+    """MNIST test digits spelling `text`: the first drawing of each digit, the second for its
+    second occurrence, and so on (a number's repeated digits differ, as written by hand)."""
+    seen: dict[int, int] = {}
+    glyphs = []
+    for character in text:
+        digit = int(character)
+        glyphs.append(images[np.flatnonzero(labels == digit)[seen.get(digit, 0)]])
+        seen[digit] = seen.get(digit, 0) + 1
+    return glyphs
+
+
+@pytest.fixture(scope="session")
+def number_png(mnist_test) -> Callable[..., bytes]:
+    """`number_png("2026", size=NUMBER_CANVAS)`: a number drawn with MNIST test digits on a
+    wide canvas, as the page's canvas PNG."""
+
+    def draw(text: str, size: tuple[int, int] = NUMBER_CANVAS, transparent: bool = True) -> bytes:
+        return render_line(mnist_glyphs(text, *mnist_test), size, transparent)
+
+    return draw
+
+
+SCRIBBLE_POINTS = 30  # the test model refused 100 of 100 such scribbles (14 points: 90)
+
+
+def scribble(seed: int, side: int = CANVAS_SIDE) -> Image.Image:
+    """A dense tangle of strokes, dark on white: ink that no one would read as a digit."""
+    rng = np.random.default_rng(seed)
+    image = Image.new("L", (side, side), 255)
+    points = rng.uniform(0.1 * side, 0.9 * side, size=(SCRIBBLE_POINTS, 2))
+    ImageDraw.Draw(image).line([tuple(point) for point in points], fill=0, width=side // 18)
+    return image
+
+
+def scribble_glyph(seed: int) -> np.ndarray:
+    """A scribble as a 28x28 glyph like MNIST's digits (light on black), for render_line."""
+    return 255 - np.asarray(scribble(seed).resize((28, 28), Image.Resampling.BOX))
 
 
 def data_url(data: bytes, mime: str = "image/png") -> str:

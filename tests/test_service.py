@@ -3,8 +3,9 @@
     .venv/bin/python -m pytest tests/test_service.py -q
 
 They hold the API contract in place (the answer's shape, the Flask-compatible request and the
-`digit` key), the refusal of every kind of bad input with a 4xx JSON `{"error", "reason"}` and
-never a 500 or a stack trace, the page at `/` without path traversal, and the metrics.
+`digit` key), reading numbers on /read, the refusal of drawings that are not one digit, the
+refusal of every kind of bad input with a 4xx JSON `{"error", "reason"}` and never a 500 or a
+stack trace, the page at `/` without path traversal, and the metrics.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import asyncio
 import base64
 import io
 import json
+import math
 import shutil
 import struct
 import subprocess
@@ -28,11 +30,13 @@ import pytest
 from PIL import Image
 from starlette.testclient import TestClient
 
-from pipelines.preprocessing import PREPROCESSING_VERSION
+from pipelines.preprocessing import CLASSES, NOT_A_DIGIT, PREPROCESSING_VERSION, Box, Mark
+from service.answers import not_a_digit_message
 from service.batcher import MicroBatcher
 from service.guard import RequestGuard
 from service.service import SETTINGS, Digits, PredictRequest
 from service.settings import Settings
+from tests.conftest import NUMBER_CANVAS, render_line, scribble, scribble_glyph
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DIGITS_TO_READ = 30  # rendered MNIST test digits; the small test model reads ~97% of them
@@ -53,6 +57,10 @@ def digit(mnist_test, canvas_png) -> tuple[str, int]:
 
 def predict(client: TestClient, image: str):
     return client.post("/predict", json={"image": image})
+
+
+def read(client: TestClient, image: str):
+    return client.post("/read", json={"image": image})
 
 
 def assert_refusal(response, status: int, reason: str) -> None:
@@ -115,8 +123,16 @@ def test_predict_answer_has_the_documented_shape(client, digit):
     response = predict(client, image)
     assert response.status_code == 200
     body = response.json()
-    assert set(body) == {"digit", "confidence", "probabilities", "top3", "model_version"}
+    assert set(body) == {
+        "digit",
+        "confidence",
+        "probabilities",
+        "top3",
+        "not_a_digit",
+        "model_version",
+    }
     assert body["digit"] == label
+    assert 0.0 <= body["not_a_digit"] < 0.5
     probabilities = body["probabilities"]
     assert len(probabilities) == 10
     assert sum(probabilities) == pytest.approx(1.0, abs=1e-4)
@@ -224,9 +240,168 @@ def test_info_describes_the_model(client):
         assert info[key] is not None
 
 
+# ---- Reading a number ------------------------------------------------------------------------
+
+
+def decoded_data_url(url: str) -> Image.Image:
+    header, payload = url.split(",", 1)
+    assert header == "data:image/png;base64"
+    return Image.open(io.BytesIO(base64.b64decode(payload)))
+
+
+@pytest.mark.parametrize("text", ["47", "2026"])
+def test_read_reads_a_number_left_to_right(client, number_png, text):
+    response = read(client, data_url(number_png(text)))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert set(body) == {"text", "confidence", "digits", "model_version"}
+    assert body["text"] == text
+    assert body["model_version"].startswith("digits-cnn:")
+    digits = body["digits"]
+    assert [entry["digit"] for entry in digits] == [int(character) for character in text]
+    assert body["confidence"] == pytest.approx(math.prod(d["confidence"] for d in digits), 1e-4)
+    width, height = NUMBER_CANVAS
+    slot = width // len(text)  # where render_line drew each digit
+    for position, entry in enumerate(digits):
+        assert set(entry) == {"digit", "confidence", "probabilities", "box", "input"}
+        assert len(entry["probabilities"]) == 10
+        assert sum(entry["probabilities"]) == pytest.approx(1.0, abs=1e-4)
+        assert entry["confidence"] == max(entry["probabilities"])
+        box = entry["box"]
+        assert 0 <= box["x"] < box["x"] + box["width"] <= width
+        assert 0 <= box["y"] < box["y"] + box["height"] <= height
+        assert position * slot <= box["x"] + box["width"] // 2 < (position + 1) * slot
+    rights = [entry["box"]["x"] + entry["box"]["width"] for entry in digits]
+    lefts = [entry["box"]["x"] for entry in digits]
+    assert all(right <= left for right, left in zip(rights, lefts[1:], strict=False))
+
+
+def test_read_shows_each_input_as_the_model_saw_it(client, number_png):
+    body = read(client, data_url(number_png("47"))).json()
+    for entry in body["digits"]:
+        image = decoded_data_url(entry["input"])
+        assert (image.format, image.mode, image.size) == ("PNG", "L", (28, 28))
+        pixels = np.asarray(image)
+        assert pixels[0].min() == pixels[-1].min() == 255  # white around the digit
+        assert pixels.min() < 64  # dark ink
+
+
+def test_read_of_one_digit_answers_as_predict(client, mnist_test, canvas_png):
+    images, _ = mnist_test
+    for index in range(10):
+        image = data_url(canvas_png(images[index]))
+        single, number = predict(client, image).json(), read(client, image).json()
+        assert number["text"] == str(single["digit"]), index
+        (entry,) = number["digits"]
+        assert entry["probabilities"] == single["probabilities"], index
+        assert number["confidence"] == entry["confidence"] == single["confidence"], index
+
+
+def test_read_of_a_blank_canvas_is_no_digit(client):
+    response = read(client, data_url(png(Image.new("RGBA", (840, 280), (0, 0, 0, 0)))))
+    assert_refusal(response, 422, "no_digit")
+
+
+# ---- Refusing what is not one digit ----------------------------------------------------------
+
+SCRIBBLES = 10  # dense scribbles drawn for the refusal tests
+
+
+@pytest.fixture(scope="module")
+def held_out_drawings(not_digit_drawings) -> np.ndarray:
+    """Omniglot drawings of the test alphabets, which neither training nor the threshold saw."""
+    return not_digit_drawings["images"][not_digit_drawings["split"] == "test"]
+
+
+def test_predict_refuses_several_digits(client, number_png):
+    response = predict(client, data_url(number_png("47", size=(560, 280))))
+    assert_refusal(response, 422, "several_digits")
+    assert "/read" in response.json()["error"]
+
+
+def test_predict_refuses_scribbles_as_not_a_digit(client):
+    for seed in range(SCRIBBLES):
+        response = predict(client, data_url(png(scribble(seed))))
+        assert_refusal(response, 422, "not_a_digit")
+
+
+def test_most_drawings_of_unseen_alphabets_are_not_digits(client, held_out_drawings, canvas_png):
+    """The test model refuses about two thirds of them; the rest are read as a digit, or as
+    several (characters of separate strokes)."""
+    sample = held_out_drawings[:: len(held_out_drawings) // 40][:40]
+    answers = [predict(client, data_url(canvas_png(drawing))) for drawing in sample]
+    reasons = [answer.json().get("reason", "digit") for answer in answers]
+    assert set(reasons) <= {"digit", "not_a_digit", "several_digits"}, reasons
+    assert reasons.count("not_a_digit") >= 0.5 * len(sample), reasons
+
+
+def test_read_refuses_a_scribble_with_its_mark(client):
+    response = read(client, data_url(png(scribble(0))))
+    assert response.status_code == 422
+    body = response.json()
+    assert set(body) == {"error", "reason", "marks"}
+    assert (body["error"], body["reason"]) == ("the drawing is not a digit", "not_a_digit")
+    (mark,) = body["marks"]
+    assert mark["is_digit"] is False
+    assert mark["digit"] is None
+    assert mark["confidence"] > 0.5  # how sure the model is that this is no digit
+
+
+def test_read_says_which_mark_is_not_a_digit(client, mnist_test):
+    images, labels = mnist_test
+    four, seven = (images[np.flatnonzero(labels == digit)[0]] for digit in (4, 7))
+    response = read(client, data_url(render_line([four, scribble_glyph(1), seven])))
+    assert response.status_code == 422, response.text
+    body = response.json()
+    assert body["reason"] == "not_a_digit"
+    assert body["error"] == "mark 2 of 3 is not a digit"
+    marks = body["marks"]
+    assert [mark["is_digit"] for mark in marks] == [True, False, True]
+    assert [mark["digit"] for mark in marks] == [4, None, 7]
+    for mark in marks:
+        assert set(mark) == {"digit", "confidence", "probabilities", "box", "input", "is_digit"}
+    assert marks[0]["box"]["x"] < marks[1]["box"]["x"] < marks[2]["box"]["x"]
+
+
+def mark(is_digit: bool) -> Mark:
+    probabilities = np.full(CLASSES, 0.01, np.float32)
+    probabilities[NOT_A_DIGIT if not is_digit else 3] = 0.9
+    return Mark(Box(0, 0, 1, 1), np.zeros((28, 28), np.float32), probabilities)
+
+
+@pytest.mark.parametrize(
+    ("digits", "message"),
+    [
+        ([False], "the drawing is not a digit"),
+        ([True, False, True], "mark 2 of 3 is not a digit"),
+        ([False, True, True, False], "marks 1 and 4 of 4 are not digits"),
+        ([False, False, True, False], "marks 1, 2 and 4 of 4 are not digits"),
+    ],
+)
+def test_not_a_digit_message_names_the_marks(digits, message):
+    assert not_a_digit_message([mark(is_digit) for is_digit in digits]) == message
+
+
+def test_predict_batch_refuses_several_digits_and_non_digits_per_image(
+    client, number_png, canvas_png, mnist_test
+):
+    images, labels = mnist_test
+    batch = [
+        data_url(number_png("47", size=(560, 280))),
+        data_url(canvas_png(images[0])),
+        data_url(png(scribble(2))),
+    ]
+    answers = client.post("/predict_batch", json={"images": batch}).json()["predictions"]
+    assert answers[0]["reason"] == "several_digits"
+    assert answers[1]["digit"] == labels[0]
+    assert answers[2]["reason"] == "not_a_digit"
+    assert set(answers[2]) == {"error", "reason"}
+
+
 # ---- Bad requests ----------------------------------------------------------------------------
 
 JSON = {"content-type": "application/json"}
+IMAGE_ROUTES = ["/predict", "/read"]  # both take {"image": ...} and refuse bad input alike
 
 
 @pytest.mark.parametrize(
@@ -269,8 +444,9 @@ JSON = {"content-type": "application/json"}
         "no-content-type",
     ],
 )
-def test_malformed_requests_are_refused(client, body, headers, status, reason):
-    assert_refusal(client.post("/predict", content=body, headers=headers), status, reason)
+@pytest.mark.parametrize("route", IMAGE_ROUTES)
+def test_malformed_requests_are_refused(client, route, body, headers, status, reason):
+    assert_refusal(client.post(route, content=body, headers=headers), status, reason)
 
 
 @pytest.mark.parametrize(
@@ -325,8 +501,9 @@ def test_malformed_batch_requests_are_refused(client, body, headers, status, rea
         "svg",
     ],
 )
-def test_bad_images_are_refused(client, image, status, reason):
-    assert_refusal(predict(client, image), status, reason)
+@pytest.mark.parametrize("route", IMAGE_ROUTES)
+def test_bad_images_are_refused(client, route, image, status, reason):
+    assert_refusal(client.post(route, json={"image": image}), status, reason)
 
 
 def encoded(image: Image.Image, image_format: str, **options) -> bytes:
@@ -370,25 +547,31 @@ def test_tiff_is_an_unsupported_format(client):
     assert_refusal(predict(client, b64(buffer.getvalue())), 422, "unsupported_format")
 
 
-def test_truncated_png_is_refused(client, mnist_test, canvas_png):
+@pytest.mark.parametrize("route", IMAGE_ROUTES)
+def test_truncated_png_is_refused(client, route, mnist_test, canvas_png):
     canvas = canvas_png(mnist_test[0][0])
-    assert_refusal(predict(client, data_url(canvas[: len(canvas) // 2])), 422, "corrupt_image")
+    image = data_url(canvas[: len(canvas) // 2])
+    assert_refusal(client.post(route, json={"image": image}), 422, "corrupt_image")
 
 
-def test_image_above_the_pixel_limit_is_refused_before_decoding(client):
+@pytest.mark.parametrize("route", IMAGE_ROUTES)
+def test_image_above_the_pixel_limit_is_refused_before_decoding(client, route):
     side = int(SETTINGS.max_image_pixels**0.5) + 1
     small_file = png(Image.new("1", (side, side)))
     assert len(small_file) < 20_000
-    assert_refusal(predict(client, data_url(small_file)), 413, "too_large")
+    assert_refusal(client.post(route, json={"image": data_url(small_file)}), 413, "too_large")
 
 
-def test_decompression_bomb_is_refused(client):
-    assert_refusal(predict(client, data_url(png_header(100_000, 100_000))), 413, "too_large")
+@pytest.mark.parametrize("route", IMAGE_ROUTES)
+def test_decompression_bomb_is_refused(client, route):
+    image = data_url(png_header(100_000, 100_000))
+    assert_refusal(client.post(route, json={"image": image}), 413, "too_large")
 
 
-def test_oversized_body_is_refused_from_its_content_length(client):
+@pytest.mark.parametrize("route", IMAGE_ROUTES)
+def test_oversized_body_is_refused_from_its_content_length(client, route):
     body = json.dumps({"image": "A" * (SETTINGS.max_body_bytes + 1)}).encode()
-    response = client.post("/predict", content=body, headers=JSON)
+    response = client.post(route, content=body, headers=JSON)
     assert_refusal(response, 413, "body_too_large")
     assert response.headers["connection"] == "close"
 
@@ -404,9 +587,10 @@ def test_oversized_streamed_body_is_refused_without_a_content_length(client):
     assert_refusal(response, 413, "body_too_large")
 
 
-def test_api_routes_answer_only_post(client):
+@pytest.mark.parametrize("route", [*IMAGE_ROUTES, "/predict_batch"])
+def test_api_routes_answer_only_post(client, route):
     for method in ("GET", "PUT", "DELETE"):
-        response = client.request(method, "/predict")
+        response = client.request(method, route)
         assert_refusal(response, 405, "method_not_allowed")
         assert response.headers["allow"] == "POST"
 
@@ -616,6 +800,29 @@ def test_metrics_count_predictions_confidence_and_refusals(client, digit):
     assert "digits_model_batch_size_bucket" in text
 
 
+def refusals(client: TestClient) -> dict[str, float]:
+    """digits_rejected_inputs_total by reason, as /metrics reports it."""
+    prefix = 'digits_rejected_inputs_total{reason="'
+    return {
+        line[len(prefix) :].split('"')[0]: float(line.rsplit(" ", 1)[1])
+        for line in client.get("/metrics").text.splitlines()
+        if line.startswith(prefix)
+    }
+
+
+def test_metrics_count_drawings_refused_by_reason(client, number_png):
+    before = refusals(client)
+    for reason in ("no_digit", "not_a_digit", "several_digits"):
+        assert reason in before  # listed from the start, so that dashboards find them
+    several = data_url(number_png("47", size=(560, 280)))
+    predict(client, several)
+    client.post("/predict_batch", json={"images": [several, data_url(png(scribble(3)))]})
+    read(client, data_url(png(scribble(4))))
+    after = refusals(client)
+    assert after["several_digits"] == before["several_digits"] + 2
+    assert after["not_a_digit"] == before["not_a_digit"] + 2
+
+
 # ---- Start-up --------------------------------------------------------------------------------
 
 
@@ -627,6 +834,27 @@ def test_service_refuses_a_model_from_other_preprocessing(bentoml_home, monkeypa
             shutil.copy(current.path_of(name), ref.path_of(name))
     monkeypatch.setattr(Digits.inner, "model_ref", bentoml.models.BentoModel(ref.tag))
     with pytest.raises(RuntimeError, match="an-older-version"):
+        Digits.inner()
+
+
+def test_service_refuses_a_model_without_the_not_a_digit_class(bentoml_home, monkeypatch):
+    """A ten-class model from before the not-a-digit class would read every scribble as a
+    digit: the service will not start with it."""
+    import keras
+
+    from pipelines.model import build_model
+    from pipelines.package import export_for_serving
+
+    current = bentoml.models.get("digits-cnn:latest")
+    with bentoml.models.create(name="digits-cnn-ten", metadata=current.info.metadata) as ref:
+        build_model((4, 4, 4), 0.0, classes=10).save(ref.path_of("model.keras"))
+        keras.backend.clear_session()
+        probe = np.zeros((2, 28, 28), np.float32)
+        export_for_serving(
+            Path(ref.path_of("model.keras")), Path(ref.path_of("model.tflite")), probe
+        )
+    monkeypatch.setattr(Digits.inner, "model_ref", bentoml.models.BentoModel(ref.tag))
+    with pytest.raises(RuntimeError, match="answers 10 classes"):
         Digits.inner()
 
 
