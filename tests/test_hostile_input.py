@@ -3,8 +3,9 @@
     .venv/bin/python -m pytest -m slow tests/test_hostile_input.py -q
 
 One table of crafted requests (broken JSON, wrong types, broken and exotic images, bombs, an
-oversized body, unknown paths, real drawings) with the status each must get: never a 5xx, and
-every refusal a JSON `{"error": ...}` without a stack trace or a path. Then the static route's
+oversized body, unknown paths, real drawings) with the status each must get, sent to /predict
+and again to /read (which takes the same body and must refuse alike): never a 5xx, and every
+refusal a JSON `{"error": ...}` without a stack trace or a path. Then the static route's
 defences (path traversal, no listings, no CORS), and overload: far more clients than the
 concurrency limit are refused at once with 429/503 instead of queueing into timeouts, and the
 service recovers by itself. `tests/test_service.py` holds the same contract in-process, reason
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import http.client
 import io
 import json
@@ -356,6 +358,14 @@ CASES = [
 ]
 
 
+# /read takes the same body as /predict: every /predict case again, on /read.
+CASES += [
+    dataclasses.replace(case, name=f"{case.name}-read", path="/read")
+    for case in CASES
+    if case.path == "/predict"
+]
+
+
 @pytest.fixture(scope="module")
 def drawings(mnist_test, canvas_png) -> Drawings:
     images, labels = mnist_test
@@ -378,7 +388,8 @@ def test_hostile_request_gets_its_expected_answer(live_service, drawings, case):
         assert [refusal["reason"] for refusal in refusals] == ["invalid_base64", "not_an_image"]
     if case.digit_of is not None:
         expected = int(drawings.labels[case.digit_of])
-        assert body["digit"] == expected, f"read {body['digit']}, drawn {expected}"
+        read = int(body["text"]) if case.path == "/read" else body["digit"]
+        assert read == expected, f"read {read}, drawn {expected}"
 
 
 def test_server_is_healthy_after_the_table(live_service, drawings):
@@ -446,7 +457,9 @@ def test_page_is_the_page_not_a_listing(live_service):
 EVIL = "http://evil.example"
 
 
-@pytest.mark.parametrize(("method", "path"), [("POST", "/predict"), ("GET", "/"), ("GET", "/info")])
+@pytest.mark.parametrize(
+    ("method", "path"), [("POST", "/predict"), ("POST", "/read"), ("GET", "/"), ("GET", "/info")]
+)
 def test_cors_is_off(live_service, drawings, method, path):
     body = image(canvas(0))(drawings) if method == "POST" else None
     headers = {"Origin": EVIL, **({"Content-Type": JSON} if body else {})}
@@ -456,7 +469,7 @@ def test_cors_is_off(live_service, drawings, method, path):
     assert answer.headers.get("access-control-allow-credentials") is None
 
 
-@pytest.mark.parametrize("path", ["/predict", "/predict_batch", "/", "/info"])
+@pytest.mark.parametrize("path", ["/predict", "/predict_batch", "/read", "/", "/info"])
 def test_cors_preflight_is_not_granted(live_service, path):
     headers = {
         "Origin": EVIL,

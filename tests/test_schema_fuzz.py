@@ -65,6 +65,10 @@ schema = schemathesis.openapi.from_dict(
 CHECKS = [not_a_server_error, negative_data_rejection, unsupported_method]
 
 
+def test_every_api_route_is_fuzzed() -> None:
+    assert {"/predict", "/predict_batch", "/read"} <= set(openapi_document()["paths"])
+
+
 @schema.parametrize()
 def test_generated_requests_never_get_a_server_error(
     case: schemathesis.Case, live_service: str

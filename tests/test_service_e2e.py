@@ -30,7 +30,7 @@ import yaml
 from PIL import Image
 
 from service.settings import Settings
-from tests.conftest import OVERLOAD_LIMIT
+from tests.conftest import NUMBER_CANVAS, OVERLOAD_LIMIT, scribble
 from tests.helpers import REPO as REPO_ROOT
 
 pytestmark = pytest.mark.slow
@@ -71,6 +71,59 @@ def test_predict_over_http(live_service, canvas):
     assert body["digit"] == label
     assert len(body["probabilities"]) == 10
     assert body["model_version"].startswith("digits-cnn:")
+
+
+def post(base_url: str, route: str, image: str) -> httpx.Response:
+    return httpx.post(f"{base_url}{route}", json={"image": image}, timeout=10)
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("text", ["47", "2026"])
+def test_read_over_http_reads_a_number_left_to_right(live_service, number_png, text):
+    response = post(live_service, "/read", data_url(number_png(text)))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["text"] == text
+    width, height = NUMBER_CANVAS
+    boxes = [entry["box"] for entry in body["digits"]]
+    for box in boxes:
+        assert 0 <= box["x"] < box["x"] + box["width"] <= width
+        assert 0 <= box["y"] < box["y"] + box["height"] <= height
+    for left, right in zip(boxes, boxes[1:], strict=False):
+        assert left["x"] + left["width"] <= right["x"]
+    assert all(entry["input"].startswith("data:image/png;base64,") for entry in body["digits"])
+
+
+def test_read_of_one_digit_answers_as_predict(live_service, mnist_test, canvas_png):
+    images, _ = mnist_test
+    for index in range(5):
+        image = data_url(canvas_png(images[index]))
+        single = post(live_service, "/predict", image).json()
+        number = post(live_service, "/read", image).json()
+        assert number["text"] == str(single["digit"]), index
+        assert number["digits"][0]["probabilities"] == single["probabilities"], index
+
+
+def test_predict_refuses_several_digits(live_service, number_png):
+    response = post(live_service, "/predict", data_url(number_png("47", size=(560, 280))))
+    assert response.status_code == 422
+    assert response.json()["reason"] == "several_digits"
+
+
+def test_a_scribble_is_not_a_digit(live_service):
+    image = data_url(png(scribble(0)))
+    single = post(live_service, "/predict", image)
+    assert single.status_code == 422
+    assert single.json() == {"error": "the drawing is not a digit", "reason": "not_a_digit"}
+    number = post(live_service, "/read", image)
+    assert number.status_code == 422
+    assert number.json()["reason"] == "not_a_digit"
+    assert [mark["is_digit"] for mark in number.json()["marks"]] == [False]
 
 
 def test_health_routes(live_service):
@@ -250,6 +303,8 @@ def test_metrics_expose_the_service_counters(live_service, canvas):
     assert f'digits_predictions_total{{digit="{canvas[1]}"}}' in metrics
     assert "digits_prediction_confidence_bucket" in metrics
     assert 'digits_rejected_inputs_total{reason="invalid_base64"}' in metrics
+    for reason in ("no_digit", "not_a_digit", "several_digits"):
+        assert f'digits_rejected_inputs_total{{reason="{reason}"}}' in metrics
     assert "bentoml_service_request_total" in metrics  # BentoML's own metrics still there
 
 
@@ -282,6 +337,7 @@ def test_bento_builds_with_code_page_model_pinned_packages_and_a_dockerfile(bent
     for packed in (
         "env/docker/Dockerfile",
         "src/service/service.py",
+        "src/service/answers.py",
         "src/service/runtime.py",
         "src/pipelines/preprocessing.py",
         "src/web/index.html",
