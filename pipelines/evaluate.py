@@ -1,69 +1,125 @@
-"""The `evaluate` stage: measure the trained model on the test set, the only place it is used.
+"""The `evaluate` stage: measure the trained model on the test sets, the only place they are used.
 
 Run with `python -m pipelines.evaluate` (dvc.yaml does). Besides clean test accuracy it measures
-what predicts how the product feels: accuracy on test digits rendered the way a drawing pad
-produces them (thick and thin strokes, small, large and off-centre digits, dark or transparent
-backgrounds) and passed through the very preprocessing function the service uses. Everything is
-written as DVC metrics and plots and logged to the training run in MLflow.
+what predicts how the product feels, always through the functions the service itself uses
+(`pipelines.preprocessing`):
+
+- single digits drawn the way a drawing pad produces them (thick and thin strokes, small, large
+  and off-centre digits, dark or transparent backgrounds), read as /predict reads them;
+- whole numbers of 2 to 6 MNIST test digits drawn on a wide canvas, neighbours sometimes
+  touching or overlapping, read mark by mark; and, to tell the splitting apart from the
+  classifier, the same drawings read by an oracle that knows which digit each crop holds;
+- drawings that are not digits (held-out Omniglot alphabets): how many are refused, and how well
+  P(not a digit) separates them from MNIST test digits (AUROC).
+
+`test_accuracy` stays the accuracy of the best of the ten digits on MNIST's test images, as MNIST
+is scored and as earlier ten-class models were: a digit refused as "not a digit" counts by its
+digits' argmax there, and the refusals are their own metrics (`test_digits_refused`,
+`canvas_refused`), so neither hides the other. Everything is written as DVC metrics and plots and
+logged to the training run in MLflow.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import keras
 import mlflow
 import numpy as np
 from PIL import Image, ImageDraw
-from scipy import ndimage
 
 from pipelines import tracking
 from pipelines.download import load_prepared
-from pipelines.preprocessing import LABELS, as_batch, image_to_input
+from pipelines.drawing import (
+    CANVAS_STYLES,
+    STRAY_SHARE,
+    RenderedNumber,
+    render_number,
+    render_on_canvas,
+)
+from pipelines.preprocessing import (
+    CLASSES,
+    LABELS,
+    NOT_A_DIGIT,
+    Box,
+    Classifier,
+    Mark,
+    NotADigitError,
+    ReadingPlan,
+    SeveralDigitsError,
+    SingleDigitPlan,
+    as_batch,
+    digit_probabilities,
+    ink_map,
+    plan_reading,
+    plan_single,
+    working_scale,
+)
 
 log = logging.getLogger("evaluate")
+
+NUMBER_CHUNK = 100  # numbers drawn and read at a time: bounds memory (an RGBA canvas is ~1 MB)
 
 
 @dataclass(frozen=True)
 class EvaluateSettings:
+    """The `evaluate:` section of params.yaml."""
+
     batch_size: int
     calibration_bins: int
     misclassified_shown: int
     canvas_samples: int
     canvas_size: int
     canvas_seed: int
+    number_samples: int  # numbers drawn per length
+    number_lengths: tuple[int, ...]
+    number_canvas: tuple[int, int]  # width, height in pixels
+    number_touching: float  # share of neighbouring digits that touch
+    number_overlapping: float  # share pushed a little into their neighbour
+    number_seed: int
+    number_examples: int  # numbers drawn in reports/numbers_examples.png
 
-
-@dataclass(frozen=True)
-class CanvasStyle:
-    """How a test digit is drawn on the simulated pad."""
-
-    box_fraction: float  # the digit's longer side as a fraction of the pad side
-    stroke: float  # >0 thickens, <0 thins, in units of one MNIST pixel at the drawn scale
-    off_centre: bool  # placed anywhere on the pad instead of near the middle
-    background: str  # "white", "transparent" or "black"
-
-
-CANVAS_STYLES = {
-    "centred": CanvasStyle(0.6, 0.0, False, "white"),
-    "thick": CanvasStyle(0.6, 1.2, False, "white"),
-    "thin": CanvasStyle(0.6, -0.8, False, "white"),
-    "small": CanvasStyle(0.2, 0.0, True, "white"),
-    "large": CanvasStyle(0.95, 0.0, False, "white"),
-    "off_centre": CanvasStyle(0.45, 0.0, True, "white"),
-    "transparent": CanvasStyle(0.6, 0.0, True, "transparent"),
-    "dark": CanvasStyle(0.6, 0.5, True, "black"),
-}
+    @classmethod
+    def from_params(cls, section: dict[str, Any]) -> EvaluateSettings:
+        missing = sorted(set(cls.__dataclass_fields__) - set(section))
+        if missing:
+            raise ValueError(f"evaluate: section lacks {', '.join(missing)}")
+        settings = cls(
+            **{
+                **section,
+                "number_lengths": tuple(int(n) for n in section["number_lengths"]),
+                "number_canvas": tuple(int(n) for n in section["number_canvas"]),
+            }
+        )
+        if min(settings.number_lengths, default=0) < 2 or len(settings.number_canvas) != 2:
+            raise ValueError(
+                "evaluate: number_lengths must be digits per number, each at least 2, and "
+                f"number_canvas [width, height]; got {section}"
+            )
+        return settings
 
 
 def predict_probabilities(model: keras.Model, images: np.ndarray, batch_size: int) -> np.ndarray:
-    """(N, 28, 28) images in [0, 1] -> (N, 10) probabilities."""
-    return model.predict(as_batch(images), batch_size=batch_size, verbose=0)
+    """(N, 28, 28) images in [0, 1] -> (N, CLASSES) probabilities: ten digits, not a digit."""
+    if len(images) == 0:
+        return np.zeros((0, CLASSES), dtype=np.float32)
+    probabilities = np.asarray(model.predict(as_batch(images), batch_size=batch_size, verbose=0))
+    if probabilities.shape[1] != CLASSES:
+        raise ValueError(
+            f"the model answers {probabilities.shape[1]} classes; evaluation needs {CLASSES} "
+            "(the ten digits, then not a digit)"
+        )
+    return probabilities
+
+
+# ---- Digits: MNIST's test images ---------------------------------------------------------------
 
 
 def confusion_matrix(labels: np.ndarray, predicted: np.ndarray) -> np.ndarray:
@@ -109,6 +165,12 @@ def calibration_table(
     return float(error), rows
 
 
+def log_loss(probabilities: np.ndarray, labels: np.ndarray) -> float:
+    """Mean -log p(true class) over all the model's classes, as the train stage's val_loss."""
+    chosen = probabilities[np.arange(len(labels)), labels]
+    return float(-np.mean(np.log(np.clip(chosen, 1e-12, 1.0))))
+
+
 def misclassified_grid(
     images: np.ndarray, labels: np.ndarray, probabilities: np.ndarray, shown: int
 ) -> Image.Image:
@@ -130,104 +192,362 @@ def misclassified_grid(
     return grid
 
 
-def render_on_canvas(
-    digit: np.ndarray, style: CanvasStyle, size: int, rng: np.random.Generator
-) -> Image.Image:
-    """Draw a 28x28 uint8 MNIST digit on a size x size pad the way a person would."""
-    box = max(8, round(size * style.box_fraction))
-    scale = box / 20  # MNIST digits fill a 20-pixel box inside their 28-pixel frame
-    side = round(28 * scale)
-    ink = np.asarray(Image.fromarray(digit).resize((side, side), Image.Resampling.BILINEAR))
-    width = round(abs(style.stroke) * scale)
-    if width >= 2:
-        morphology = ndimage.grey_dilation if style.stroke > 0 else ndimage.grey_erosion
-        ink = morphology(ink, size=(width, width))
-    pad = np.zeros((size + 2 * side, size + 2 * side), dtype=np.uint8)
-    slack = size - box
-    if style.off_centre:
-        top, left = rng.integers(0, max(slack, 0) + 1, size=2)
-    else:
-        top, left = rng.integers(slack // 2 - size // 20, slack // 2 + size // 20 + 1, size=2)
-    # The digit's 20-pixel box starts 4 MNIST pixels into its 28-pixel frame.
-    margin = round(4 * scale)
-    row, col = side + top - margin, side + left - margin
-    pad[row : row + side, col : col + side] = np.maximum(
-        pad[row : row + side, col : col + side], ink
-    )
-    ink = pad[side : side + size, side : side + size]
-    if style.background == "transparent":
-        rgba = np.zeros((size, size, 4), dtype=np.uint8)
-        rgba[..., 3] = ink
-        return Image.fromarray(rgba, mode="RGBA")
-    if style.background == "black":
-        return Image.fromarray(ink, mode="L")
-    return Image.fromarray(255 - ink, mode="L")
+# ---- Not a digit -------------------------------------------------------------------------------
+
+
+def auroc(positives: np.ndarray, negatives: np.ndarray) -> float:
+    """Area under the ROC curve: the chance that a random positive scores above a random
+    negative, ties counting half (the Mann-Whitney U statistic over the product of the counts).
+
+    Ranks are averaged over tied scores, so saturated probabilities (many exact 0s and 1s) are
+    handled exactly.
+    """
+    positives = np.asarray(positives, dtype=np.float64).ravel()
+    negatives = np.asarray(negatives, dtype=np.float64).ravel()
+    if len(positives) == 0 or len(negatives) == 0:
+        raise ValueError(f"AUROC needs both classes: {len(positives)} positives, {len(negatives)}")
+    scores = np.concatenate([positives, negatives])
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    # Distinct values in increasing order; a group of c tied values holding ranks
+    # (r - c + 1) .. r (1-based) gets their mean, r - (c - 1) / 2.
+    mean_ranks = np.cumsum(counts) - (counts - 1) / 2.0
+    positive_rank_sum = float(mean_ranks[inverse[: len(positives)]].sum())
+    u = positive_rank_sum - len(positives) * (len(positives) + 1) / 2.0
+    return u / (len(positives) * len(negatives))
+
+
+def refused(probabilities: np.ndarray) -> np.ndarray:
+    """Whether the model's answer is "not a digit": argmax over all its classes."""
+    return np.asarray(probabilities).argmax(axis=1) == NOT_A_DIGIT
+
+
+# ---- Reading drawings as the service does ------------------------------------------------------
+
+
+def classify_plans(
+    plans: Sequence[ReadingPlan | SingleDigitPlan], classify: Classifier
+) -> list[np.ndarray]:
+    """Run `classify` once over every plan's inputs (one model call instead of one per drawing)
+    and return each plan's rows, for `plan.marks` or `plan.digit`."""
+    sizes = [len(plan.inputs) for plan in plans]
+    if not plans:
+        return []
+    probabilities = classify(np.concatenate([plan.inputs for plan in plans]))
+    return np.split(np.asarray(probabilities), np.cumsum(sizes)[:-1])
+
+
+def reading_plan(image: Image.Image) -> ReadingPlan:
+    """`read_marks`' plan of a drawing: read_marks(image, f) is
+    reading_plan(image).marks(f(plan.inputs))."""
+    return plan_reading(ink_map(image), working_scale(image), image.size)
 
 
 def canvas_robustness(
-    predict: Callable[[np.ndarray], np.ndarray],
-    images: np.ndarray,
-    labels: np.ndarray,
-    settings: EvaluateSettings,
-) -> dict[str, float]:
-    """Accuracy per canvas style on a fixed sample of test digits, through the service's path."""
+    classify: Classifier, images: np.ndarray, labels: np.ndarray, settings: EvaluateSettings
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Accuracy and refusals per canvas style on a fixed sample of test digits, read as /predict
+    reads them (`read_single`, run here as its plan and its decision around one model call).
+
+    Accuracy is the best of the ten digits on the whole drawing, as test_accuracy; refused is
+    the share /predict would answer with not_a_digit or several_digits.
+    """
     rng = np.random.default_rng(settings.canvas_seed)
     sample = rng.choice(len(images), size=min(settings.canvas_samples, len(images)), replace=False)
-    scores = {}
+    accuracy, refusals = {}, {}
     for name, style in CANVAS_STYLES.items():
-        inputs = np.stack(
-            [
-                image_to_input(render_on_canvas(images[i], style, settings.canvas_size, rng))
-                for i in sample
-            ]
+        drawings = [render_on_canvas(images[i], style, settings.canvas_size, rng) for i in sample]
+        plans = [plan_single(ink_map(d), working_scale(d), d.size) for d in drawings]
+        answers = classify_plans(plans, classify)
+        whole = np.stack([rows[0, : len(LABELS)] for rows in answers])
+        accuracy[name] = round(float((whole.argmax(axis=1) == labels[sample]).mean()), 4)
+        refused_here = [_refuses(plan, rows) for plan, rows in zip(plans, answers, strict=True)]
+        refusals[name] = round(float(np.mean(refused_here)), 4)
+        log.info("canvas %-12s accuracy %.4f refused %.4f", name, accuracy[name], refusals[name])
+    accuracy["mean"] = round(float(np.mean(list(accuracy.values()))), 4)
+    refusals["mean"] = round(float(np.mean(list(refusals.values()))), 4)
+    return accuracy, refusals
+
+
+def _refuses(plan: SingleDigitPlan, probabilities: np.ndarray) -> bool:
+    try:
+        plan.digit(probabilities)
+    except (NotADigitError, SeveralDigitsError):
+        return True
+    return False
+
+
+# ---- Numbers -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NumberReading:
+    """How one drawn number was read: the text (a mark that is not a digit reads '?'), which
+    rendered digit each mark holds (None for part of one, or several), and which neighbouring
+    digits ended up in one mark."""
+
+    truth: str
+    joins: tuple[str, ...]
+    text: str
+    found: tuple[int | None, ...]  # per mark, its digit's position in the number
+    joined: frozenset[int]  # i when some mark holds a real share of both digits i and i + 1
+
+    @property
+    def exact(self) -> bool:
+        """Read exactly: every mark a digit, and the digits the number drawn."""
+        return self.text == self.truth
+
+    @property
+    def segmented(self) -> bool:
+        """Split into exactly the digits drawn, in order, whatever each was read as."""
+        return self.found == tuple(range(len(self.truth)))
+
+    def pair_split(self, index: int) -> bool:
+        """Whether digits `index` and `index + 1` were split apart: no mark holds more than
+        STRAY_SHARE of the ink of each."""
+        return index not in self.joined
+
+
+def describe_reading(number: RenderedNumber, marks: Sequence[Mark]) -> NumberReading:
+    text = "".join(str(mark.digit) if mark.is_digit else "?" for mark in marks)
+    found = tuple(number.digit_in(mark.box) for mark in marks)
+    joined = set()
+    for mark in marks:
+        holds = number.shares_in(mark.box) > STRAY_SHARE
+        joined.update(np.flatnonzero(holds[:-1] & holds[1:]).tolist())
+    return NumberReading(number.text, number.joins, text, found, frozenset(joined))
+
+
+def input_boxes(plan: ReadingPlan) -> list[Box]:
+    """The box of each of a plan's inputs, in the drawing's pixels, in `plan.inputs` order."""
+    # Each span's inputs follow the previous span's: its boxes, in order, are theirs.
+    boxes = [box.scaled(plan.scale, plan.image_size) for span in plan.spans for box in span.boxes]
+    if len(boxes) != len(plan.inputs):
+        raise ValueError(f"a reading plan with {len(plan.inputs)} inputs has {len(boxes)} boxes")
+    return boxes
+
+
+def oracle_probabilities(number: RenderedNumber, boxes: Sequence[Box]) -> np.ndarray:
+    """A perfect classifier's answers for crops of a drawn number: the label of the digit a crop
+    holds (RenderedNumber.digit_in), certain; "not a digit", certain, for a piece of a digit or
+    several digits. Reading with it measures the splitting alone."""
+    answers = np.zeros((len(boxes), CLASSES), dtype=np.float32)
+    for row, box in zip(answers, boxes, strict=True):
+        which = number.digit_in(box)
+        row[NOT_A_DIGIT if which is None else number.labels[which]] = 1.0
+    return answers
+
+
+def draw_numbers(
+    images: np.ndarray, labels: np.ndarray, length: int, settings: EvaluateSettings
+) -> Iterator[RenderedNumber]:
+    """`number_samples` numbers of `length` test digits, the same ones for the same settings."""
+    rng = np.random.default_rng([settings.number_seed, length])
+    for _ in range(settings.number_samples):
+        chosen = rng.choice(len(images), size=length, replace=False)
+        yield render_number(
+            images[chosen],
+            labels[chosen],
+            settings.number_canvas,
+            settings.number_touching,
+            settings.number_overlapping,
+            rng,
         )
-        scores[name] = round(float((predict(inputs).argmax(axis=1) == labels[sample]).mean()), 4)
-        log.info("canvas %-12s accuracy %.4f", name, scores[name])
-    scores["mean"] = round(float(np.mean(list(scores.values()))), 4)
+
+
+def read_numbers(
+    numbers: Iterable[RenderedNumber], classify: Classifier
+) -> Iterator[tuple[RenderedNumber, list[Mark], list[Mark]]]:
+    """Each number with its marks as read_marks reads them with `classify`, and with the oracle.
+
+    Numbers go by chunks of NUMBER_CHUNK, the model called once per chunk.
+    """
+    numbers = iter(numbers)
+    while chunk := list(itertools.islice(numbers, NUMBER_CHUNK)):
+        plans = [reading_plan(drawn.image) for drawn in chunk]
+        answers = classify_plans(plans, classify)
+        for drawn, plan, rows in zip(chunk, plans, answers, strict=True):
+            oracle = oracle_probabilities(drawn, input_boxes(plan))
+            yield drawn, plan.marks(rows), plan.marks(oracle)
+
+
+def number_scores(readings: Sequence[NumberReading]) -> dict[str, float]:
+    """Exact whole-number accuracy, overall and per length (5 digits and more pooled)."""
+    scores = {"accuracy": _share(r.exact for r in readings)}
+    for name, chosen in _by_length(readings).items():
+        scores[name] = _share(r.exact for r in chosen)
     return scores
+
+
+def segmentation_scores(readings: Sequence[NumberReading], prefix: str) -> dict[str, float]:
+    """Share of numbers split into exactly their digits, overall and per length, and of
+    neighbouring pairs split apart, per way they meet (gap, touching, overlapping)."""
+    scores = {prefix: _share(r.segmented for r in readings)}
+    for name, chosen in _by_length(readings).items():
+        scores[f"{prefix}_{name}"] = _share(r.segmented for r in chosen)
+    for join in ("gap", "touching", "overlapping"):
+        pairs = [r.pair_split(i) for r in readings for i, j in enumerate(r.joins) if j == join]
+        if pairs:
+            scores[f"{prefix}_{join}_pairs"] = _share(pairs)
+    return scores
+
+
+def _by_length(readings: Sequence[NumberReading]) -> dict[str, list[NumberReading]]:
+    groups: dict[str, list[NumberReading]] = {}
+    for reading in readings:
+        length = len(reading.truth)
+        groups.setdefault("length_5_plus" if length >= 5 else f"length_{length}", []).append(
+            reading
+        )
+    return dict(sorted(groups.items()))
+
+
+def _share(flags: Iterable[bool]) -> float:
+    flags = list(flags)
+    return round(float(np.mean(flags)), 4) if flags else 0.0
+
+
+def numbers_grid(
+    examples: Sequence[tuple[RenderedNumber, list[Mark]]], columns: int = 2
+) -> Image.Image:
+    """Read numbers at half size, each mark's box drawn with what it was read as, and the text
+    read under the drawing: green when the whole number was read exactly, red otherwise."""
+    if not examples:
+        return Image.new("RGB", (1, 1), "white")
+    width, height = examples[0][0].image.size
+    tile_width, tile_height, caption = width // 2, height // 2, 18
+    rows = -(-len(examples) // columns)
+    grid = Image.new("RGB", (columns * tile_width, rows * (tile_height + caption)), "white")
+    draw = ImageDraw.Draw(grid)
+    for position, (number, marks) in enumerate(examples):
+        left = (position % columns) * tile_width
+        top = (position // columns) * (tile_height + caption)
+        reading = describe_reading(number, marks)
+        colour = (0, 140, 0) if reading.exact else (200, 0, 0)
+        tile = Image.fromarray(255 - _ink(number.image)).resize((tile_width, tile_height))
+        grid.paste(tile.convert("RGB"), (left, top))
+        for mark, read in zip(marks, reading.text, strict=True):
+            box = mark.box
+            corners = [left + box.x // 2, top + box.y // 2]
+            corners += [corners[0] + box.width // 2, corners[1] + box.height // 2]
+            draw.rectangle(corners, outline=colour, width=2)
+            draw.text((corners[0] + 2, max(top, corners[1] - 12)), read, fill=colour)
+        text = f"read {reading.text}  drawn {reading.truth}  ({'-'.join(reading.joins)})"
+        draw.text((left + 4, top + tile_height + 3), text, fill=colour)
+        draw.rectangle(
+            [left, top, left + tile_width - 1, top + tile_height - 1], outline=(200,) * 3
+        )
+    return grid
+
+
+def _ink(image: Image.Image) -> np.ndarray:
+    """A drawn number's ink as uint8 (255 = full ink), whatever background it was drawn on."""
+    if image.mode == "RGBA":
+        return np.asarray(image.getchannel("A"))
+    return 255 - np.asarray(image.convert("L"))
+
+
+def evaluate_numbers(
+    classify: Classifier, images: np.ndarray, labels: np.ndarray, settings: EvaluateSettings
+) -> tuple[dict[str, float], dict[str, float], Image.Image]:
+    """Number scores, segmentation scores (oracle and model) and the examples grid."""
+    model_readings: list[NumberReading] = []
+    oracle_readings: list[NumberReading] = []
+    wanted = max(1, settings.number_examples // max(1, len(settings.number_lengths)))
+    examples: list[tuple[RenderedNumber, list[Mark]]] = []
+    for length in settings.number_lengths:
+        right: list[tuple[RenderedNumber, list[Mark]]] = []
+        wrong: list[tuple[RenderedNumber, list[Mark]]] = []
+        numbers = draw_numbers(images, labels, length, settings)
+        for number, marks, oracle_marks in read_numbers(numbers, classify):
+            model_readings.append(describe_reading(number, marks))
+            oracle_readings.append(describe_reading(number, oracle_marks))
+            kept = right if model_readings[-1].exact else wrong
+            if len(kept) < wanted:
+                kept.append((number, marks))
+        # Half mistakes when there are some, the rest numbers read right (or more mistakes).
+        shown_wrong = min(len(wrong), max(wanted // 2, wanted - len(right)))
+        examples += right[: wanted - shown_wrong] + wrong[:shown_wrong]
+        scores = number_scores(model_readings[-settings.number_samples :])
+        log.info("numbers of %d digits read exactly: %.4f", length, scores["accuracy"])
+    segmentation = segmentation_scores(oracle_readings, "oracle")
+    segmentation.update(segmentation_scores(model_readings, "model"))
+    return number_scores(model_readings), segmentation, numbers_grid(examples)
+
+
+# ---- The stage ---------------------------------------------------------------------------------
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--data", type=Path, default=Path("data/prepared/mnist.npz"))
+    parser.add_argument("--not-digits", type=Path, default=Path("data/prepared/not_digits.npz"))
     parser.add_argument("--model", type=Path, default=Path("models/model.keras"))
     parser.add_argument("--train-metrics", type=Path, default=Path("reports/train.json"))
     parser.add_argument("--metrics", type=Path, default=Path("reports/metrics.json"))
     parser.add_argument("--confusion", type=Path, default=Path("reports/confusion.csv"))
     parser.add_argument("--calibration", type=Path, default=Path("reports/calibration.csv"))
     parser.add_argument("--misclassified", type=Path, default=Path("reports/misclassified.png"))
+    parser.add_argument(
+        "--numbers-examples", type=Path, default=Path("reports/numbers_examples.png")
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     params = tracking.load_params(args.params)
-    settings = EvaluateSettings(**params["evaluate"])
+    settings = EvaluateSettings.from_params(params["evaluate"])
     data = load_prepared(args.data)
+    others = load_prepared(args.not_digits)
     trained = json.loads(args.train_metrics.read_text())
     model = keras.saving.load_model(args.model)
 
-    def predict(images: np.ndarray) -> np.ndarray:
+    def classify(images: np.ndarray) -> np.ndarray:
         return predict_probabilities(model, images, settings.batch_size)
 
     images, labels = data["x_test"], data["y_test"].astype(np.int64)
-    probabilities = predict(images.astype(np.float32) / 255.0)
-    predicted = probabilities.argmax(axis=1)
+    probabilities = classify(images.astype(np.float32) / 255.0)
+    digits = digit_probabilities(probabilities)  # what /predict reports for a digit
+    predicted = digits.argmax(axis=1)
+    not_digits = classify(others["images"][others["split"] == "test"].astype(np.float32) / 255.0)
     counts = confusion_matrix(labels, predicted)
-    ece, reliability = calibration_table(probabilities, labels, settings.calibration_bins)
-    loss = float(-np.mean(np.log(np.clip(probabilities[np.arange(len(labels)), labels], 1e-12, 1))))
-    canvas = canvas_robustness(predict, images, labels, settings)
+    ece, reliability = calibration_table(digits, labels, settings.calibration_bins)
+    canvas, canvas_refused = canvas_robustness(classify, images, labels, settings)
+    numbers, segmentation, examples = evaluate_numbers(classify, images, labels, settings)
     metrics = {
         "test_accuracy": round(float((predicted == labels).mean()), 4),
-        "test_loss": round(loss, 4),
+        "test_loss": round(
+            log_loss(
+                np.concatenate([probabilities, not_digits]),
+                np.concatenate([labels, np.full(len(not_digits), NOT_A_DIGIT)]),
+            ),
+            4,
+        ),
         "test_errors": int((predicted != labels).sum()),
+        "test_digits_refused": round(float(refused(probabilities).mean()), 4),
+        "test_not_digits_refused": round(float(refused(not_digits).mean()), 4),
+        "not_digit_auroc": round(
+            auroc(not_digits[:, NOT_A_DIGIT], probabilities[:, NOT_A_DIGIT]), 4
+        ),
         "expected_calibration_error": round(ece, 4),
         "canvas_accuracy": canvas["mean"],
+        "canvas_refused": canvas_refused["mean"],
+        "number_accuracy": numbers["accuracy"],
         "val_accuracy": round(trained["val_accuracy"], 4),
         "canvas": canvas,
+        "canvas_refusals": canvas_refused,
+        "numbers": numbers,
+        "segmentation": segmentation,
         "per_class": per_class_scores(counts),
     }
 
-    for path in (args.metrics, args.confusion, args.calibration, args.misclassified):
+    reports = (
+        args.metrics,
+        args.confusion,
+        args.calibration,
+        args.misclassified,
+        args.numbers_examples,
+    )
+    for path in reports:
         path.parent.mkdir(parents=True, exist_ok=True)
     tracking.write_json(metrics, args.metrics)
     tracking.write_csv(
@@ -235,20 +555,26 @@ def main() -> None:
         args.confusion,
     )
     tracking.write_csv(reliability, args.calibration)
-    misclassified_grid(images, labels, probabilities, settings.misclassified_shown).save(
+    misclassified_grid(images, labels, digits, settings.misclassified_shown).save(
         args.misclassified
     )
+    examples.save(args.numbers_examples)
 
     run = tracking.ensure_model_run(args.model, args.data, params, tracking.train_scores(trained))
     with tracking.start_run(run_id=run.info.run_id):
         mlflow.log_metrics(tracking.evaluation_scores(metrics))
-        for path in (args.metrics, args.confusion, args.calibration, args.misclassified):
+        for path in reports:
             mlflow.log_artifact(str(path), artifact_path="evaluation")
     log.info(
-        "test accuracy %.4f (%d errors), canvas accuracy %.4f, ECE %.4f",
+        "test accuracy %.4f (%d errors), canvas %.4f, numbers %.4f, refused: digits %.4f, "
+        "non-digits %.4f (AUROC %.4f), ECE %.4f",
         metrics["test_accuracy"],
         metrics["test_errors"],
         metrics["canvas_accuracy"],
+        metrics["number_accuracy"],
+        metrics["test_digits_refused"],
+        metrics["test_not_digits_refused"],
+        metrics["not_digit_auroc"],
         metrics["expected_calibration_error"],
     )
 

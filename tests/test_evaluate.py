@@ -1,19 +1,91 @@
-"""Evaluation arithmetic and the canvas renderings behind the robustness numbers."""
+"""Evaluation arithmetic, and reading drawn numbers the way the service does."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from pipelines.drawing import RenderedNumber, render_number
 from pipelines.evaluate import (
-    CANVAS_STYLES,
+    EvaluateSettings,
+    NumberReading,
+    auroc,
     calibration_table,
+    canvas_robustness,
+    classify_plans,
     confusion_matrix,
+    describe_reading,
+    evaluate_numbers,
+    input_boxes,
+    log_loss,
     misclassified_grid,
+    number_scores,
+    numbers_grid,
+    oracle_probabilities,
     per_class_scores,
-    render_on_canvas,
+    reading_plan,
+    refused,
+    segmentation_scores,
 )
-from pipelines.preprocessing import image_to_input
+from pipelines.preprocessing import CLASSES, NOT_A_DIGIT, Box, Classifier, read_marks
+
+CANVAS = (840, 280)
+SETTINGS = {
+    "batch_size": 1000,
+    "calibration_bins": 15,
+    "misclassified_shown": 36,
+    "canvas_samples": 10,
+    "canvas_size": 280,
+    "canvas_seed": 11,
+    "number_samples": 6,
+    "number_lengths": [2, 5],
+    "number_canvas": list(CANVAS),
+    "number_touching": 0.3,
+    "number_overlapping": 0.1,
+    "number_seed": 13,
+    "number_examples": 4,
+}
+
+
+def fixed_classifier(seed: int = 0) -> Classifier:
+    """A classifier that answers each input by its pixels alone (a fixed random linear map and
+    softmax), whatever else is in the batch: a stand-in model that is honest about batching."""
+    weights = np.random.default_rng(seed).normal(size=(28 * 28, CLASSES)) * 3.0
+
+    def classify(inputs: np.ndarray) -> np.ndarray:
+        logits = np.asarray(inputs, dtype=np.float64).reshape(len(inputs), -1) @ weights
+        exponentials = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return (exponentials / exponentials.sum(axis=1, keepdims=True)).astype(np.float32)
+
+    return classify
+
+
+def oracle_classifier(number: RenderedNumber) -> Classifier:
+    """A perfect classifier for one drawn number: it answers each crop read_marks asks about with
+    the label of the rendered digit whose ink the crop holds (matching the crop's box to the
+    rendered digits), or "not a digit" for part of a digit or several."""
+    plan = reading_plan(number.image)
+    answers = oracle_probabilities(number, input_boxes(plan))
+
+    def classify(inputs: np.ndarray) -> np.ndarray:
+        assert np.array_equal(inputs, plan.inputs), "asked about another drawing"
+        return answers
+
+    return classify
+
+
+@pytest.fixture(scope="module")
+def test_digits(mnist_test) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = mnist_test
+    return images[:500], labels[:500].astype(np.int64)
+
+
+def reading(truth: str, text: str, found, joins=None, joined=()) -> NumberReading:
+    joins = joins or ("gap",) * (len(truth) - 1)
+    return NumberReading(truth, tuple(joins), text, tuple(found), frozenset(joined))
+
+
+# ---- Digits ------------------------------------------------------------------------------------
 
 
 def test_confusion_matrix_counts_actual_by_predicted():
@@ -46,6 +118,13 @@ def test_calibration_error_measures_overconfidence():
     assert error == pytest.approx(0.75)
 
 
+def test_log_loss_counts_the_not_a_digit_class():
+    probabilities = np.full((2, CLASSES), 0.05)
+    probabilities[0, 3] = 0.5
+    probabilities[1, NOT_A_DIGIT] = 0.5
+    assert log_loss(probabilities, np.array([3, NOT_A_DIGIT])) == pytest.approx(-np.log(0.5))
+
+
 def test_misclassified_grid_shows_only_mistakes():
     images = np.zeros((5, 28, 28), dtype=np.uint8)
     probabilities = np.eye(10)[[0, 1, 2, 3, 4]]
@@ -53,12 +132,170 @@ def test_misclassified_grid_shows_only_mistakes():
     assert grid.size == (6 * 112, 112 + 16)  # two mistakes fit in one row
 
 
-@pytest.mark.parametrize("name", sorted(CANVAS_STYLES))
-def test_canvas_renderings_preprocess_back_to_the_digit(name):
-    digit = np.zeros((28, 28), dtype=np.uint8)
-    digit[4:24, 12:16] = 255  # a '1' in MNIST's 20-pixel box
-    rendered = render_on_canvas(digit, CANVAS_STYLES[name], 280, np.random.default_rng(0))
-    assert rendered.size == (280, 280)
-    restored = image_to_input(rendered)
-    overlap = (restored > 0.3) & (digit > 0)
-    assert overlap.sum() >= 0.5 * (digit > 0).sum()
+# ---- Not a digit -------------------------------------------------------------------------------
+
+
+def test_auroc_is_one_when_every_non_digit_scores_above_every_digit():
+    assert auroc(np.array([0.9, 0.8]), np.array([0.1, 0.2, 0.3])) == 1.0
+    assert auroc(np.array([0.1]), np.array([0.5, 0.9])) == 0.0
+
+
+def test_auroc_counts_ties_as_half():
+    assert auroc(np.full(3, 0.5), np.full(4, 0.5)) == 0.5
+    # Pairs: 0.8 beats 0.4 and 0.2; 0.4 ties 0.4 (half) and beats 0.2: 3.5 of 4.
+    assert auroc(np.array([0.8, 0.4]), np.array([0.4, 0.2])) == pytest.approx(0.875)
+
+
+def test_auroc_equals_the_share_of_pairs_ranked_right():
+    rng = np.random.default_rng(0)
+    positives = rng.integers(0, 6, size=40) / 5  # few distinct values: many ties
+    negatives = rng.integers(0, 4, size=70) / 5
+    pairs = [1.0 if p > n else 0.5 if p == n else 0.0 for p in positives for n in negatives]
+    assert auroc(positives, negatives) == pytest.approx(np.mean(pairs))
+
+
+def test_auroc_needs_both_classes():
+    with pytest.raises(ValueError, match="both classes"):
+        auroc(np.array([]), np.array([0.2]))
+
+
+def test_refused_means_not_a_digit_is_the_most_probable_class():
+    probabilities = np.full((3, CLASSES), 0.01)
+    probabilities[0, 7] = 0.9
+    probabilities[1, NOT_A_DIGIT] = 0.9
+    probabilities[2, :10] = 0.06  # no digit above "not a digit"'s 0.4 below
+    probabilities[2, NOT_A_DIGIT] = 0.4
+    assert refused(probabilities).tolist() == [False, True, True]
+
+
+def test_canvas_scores_read_digits_as_predict_does(test_digits):
+    images, labels = test_digits
+    settings = EvaluateSettings.from_params(SETTINGS)
+
+    def always_seven(inputs: np.ndarray) -> np.ndarray:
+        return np.tile(np.eye(CLASSES)[7], (len(inputs), 1))
+
+    def never_a_digit(inputs: np.ndarray) -> np.ndarray:
+        return np.tile(np.eye(CLASSES)[NOT_A_DIGIT], (len(inputs), 1))
+
+    accuracy, refusals = canvas_robustness(always_seven, images, labels, settings)
+    sample = np.random.default_rng(11).choice(len(images), size=10, replace=False)
+    assert accuracy["centred"] == pytest.approx((labels[sample] == 7).mean())
+    assert refusals["mean"] == 0.0
+    _, refusals = canvas_robustness(never_a_digit, images, labels, settings)
+    assert refusals["mean"] == 1.0
+
+
+# ---- Numbers -----------------------------------------------------------------------------------
+
+
+def draw(test_digits, length: int, seed: int, touching=0.3, overlapping=0.1) -> RenderedNumber:
+    images, labels = test_digits
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(len(images), size=length, replace=False)
+    return render_number(images[chosen], labels[chosen], CANVAS, touching, overlapping, rng)
+
+
+def test_classify_plans_reads_like_read_marks(test_digits):
+    classify = fixed_classifier()
+    numbers = [draw(test_digits, length, seed) for seed, length in enumerate([2, 3, 5, 6])]
+    plans = [reading_plan(number.image) for number in numbers]
+    for number, plan, rows in zip(numbers, plans, classify_plans(plans, classify), strict=True):
+        batched = plan.marks(rows)
+        alone = read_marks(number.image, classify)
+        assert [mark.box for mark in batched] == [mark.box for mark in alone]
+        for one, other in zip(batched, alone, strict=True):
+            np.testing.assert_allclose(one.probabilities, other.probabilities, atol=1e-6)
+
+
+@pytest.mark.parametrize("length", [2, 4, 6])
+def test_separate_digits_round_trip_through_read_marks(test_digits, length):
+    for seed in range(8):
+        number = draw(test_digits, length, seed, touching=0.0, overlapping=0.0)
+        marks = read_marks(number.image, oracle_classifier(number))
+        read = describe_reading(number, marks)
+        assert read.exact and read.segmented, (seed, number.text, read)
+
+
+def test_oracle_reads_touching_digits_right_or_not_at_all(test_digits):
+    """Splitting touching digits can fail, but a perfect classifier then refuses the crop: a
+    digit read by the oracle is always one whole rendered digit, at its place, with its label."""
+    for seed in range(12):
+        number = draw(test_digits, 4, seed, touching=0.6, overlapping=0.2)
+        marks = read_marks(number.image, oracle_classifier(number))
+        read = describe_reading(number, marks)
+        for mark, position in zip(marks, read.found, strict=True):
+            assert mark.is_digit == (position is not None)
+            if position is not None:
+                assert mark.digit == number.labels[position]
+        assert [p for p in read.found if p is not None] == sorted(
+            p for p in read.found if p is not None
+        )
+
+
+def test_oracle_refuses_crops_of_several_digits(test_digits):
+    number = draw(test_digits, 3, 0, touching=0.0, overlapping=0.0)
+    boxes = number.boxes
+    whole = Box(0, 0, *CANVAS)
+    answers = oracle_probabilities(number, [*boxes, whole])
+    assert answers.argmax(axis=1).tolist() == [*number.labels, NOT_A_DIGIT]
+
+
+def test_number_read_exactly_only_when_every_mark_is_the_right_digit():
+    assert reading("42", "42", [0, 1]).exact
+    assert not reading("42", "4?", [0, 1]).exact  # a mark refused as not a digit
+    assert not reading("42", "4", [None]).exact  # both digits in one mark
+    assert not reading("42", "427", [0, 1, None]).exact
+
+
+def test_number_scores_pool_five_digits_and_more():
+    readings = [
+        reading("12", "12", [0, 1]),
+        reading("12", "17", [0, 1]),
+        reading("12345", "12345", range(5)),
+        reading("123456", "12?456", range(6)),
+    ]
+    assert number_scores(readings) == {
+        "accuracy": 0.5,
+        "length_2": 0.5,
+        "length_5_plus": 0.5,
+    }
+
+
+def test_segmentation_scores_count_numbers_and_pairs_by_how_they_meet():
+    readings = [
+        reading("12", "17", [0, 1], joins=["touching"]),  # split right, misread
+        reading("123", "?3", [None, 2], joins=["touching", "gap"], joined=[0]),
+        reading("45", "4", [None], joins=["overlapping"], joined=[0]),
+    ]
+    scores = segmentation_scores(readings, "oracle")
+    assert scores["oracle"] == pytest.approx(1 / 3, abs=1e-4)
+    assert scores["oracle_touching_pairs"] == 0.5
+    assert scores["oracle_gap_pairs"] == 1.0
+    assert scores["oracle_overlapping_pairs"] == 0.0
+
+
+def test_evaluate_numbers_reports_every_length_and_draws_examples(test_digits):
+    images, labels = test_digits
+    settings = EvaluateSettings.from_params(SETTINGS)
+    numbers, segmentation, grid = evaluate_numbers(fixed_classifier(), images, labels, settings)
+    assert set(numbers) == {"accuracy", "length_2", "length_5_plus"}
+    assert all(0.0 <= value <= 1.0 for value in numbers.values())
+    assert {"oracle", "model", "oracle_length_2", "model_gap_pairs"} <= set(segmentation)
+    assert grid.size == (CANVAS[0], 2 * (CANVAS[1] // 2 + 18))  # 4 examples, 2 per row
+
+
+def test_numbers_grid_colours_right_green_and_wrong_red(test_digits):
+    number = draw(test_digits, 2, 0, touching=0.0, overlapping=0.0)
+    right = read_marks(number.image, oracle_classifier(number))
+    wrong = read_marks(number.image, lambda inputs: np.eye(CLASSES)[[NOT_A_DIGIT] * len(inputs)])
+    for marks, colour in ((right, (0, 140, 0)), (wrong, (200, 0, 0))):
+        pixels = np.asarray(numbers_grid([(number, marks)]).convert("RGB")).reshape(-1, 3)
+        assert (pixels == colour).all(axis=1).any()
+
+
+def test_settings_reject_single_digit_numbers():
+    with pytest.raises(ValueError, match="number_lengths"):
+        EvaluateSettings.from_params({**SETTINGS, "number_lengths": [1, 2]})
+    with pytest.raises(ValueError, match="lacks number_seed"):
+        EvaluateSettings.from_params({k: v for k, v in SETTINGS.items() if k != "number_seed"})
