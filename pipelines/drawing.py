@@ -20,7 +20,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from pipelines.preprocessing import DIGIT_BOX, IMAGE_SIZE, INK_THRESHOLD, Box
+from pipelines.preprocessing import DIGIT_BOX, IMAGE_SIZE, INK_THRESHOLD
+from pipelines.segmentation import Box
 
 BACKGROUNDS = ("white", "transparent", "black")
 INK_LEVEL = round(INK_THRESHOLD * 255)  # a pixel at least this dark counts as ink when reading

@@ -44,10 +44,8 @@ from pipelines.drawing import (
     render_number,
     render_on_canvas,
 )
-from pipelines.preprocessing import (
-    CLASSES,
-    LABELS,
-    NOT_A_DIGIT,
+from pipelines.preprocessing import CLASSES, LABELS, NOT_A_DIGIT, as_batch, ink_map
+from pipelines.segmentation import (
     Box,
     Classifier,
     Mark,
@@ -55,9 +53,7 @@ from pipelines.preprocessing import (
     ReadingPlan,
     SeveralDigitsError,
     SingleDigitPlan,
-    as_batch,
     digit_probabilities,
-    ink_map,
     plan_reading,
     plan_single,
     working_scale,

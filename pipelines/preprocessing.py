@@ -9,13 +9,7 @@ ignore specks, crop, fit into 20x20, centre by mass. The service calls `image_to
 request and evaluation calls it on canvas-like renderings of the test set; both import it from
 here so the two can never drift apart.
 
-A drawing may also hold a whole number. `plan_reading` splits it into marks, left to right:
-strokes whose columns overlap belong to one mark (a 4 or a 5 drawn in two strokes, a crossed 7),
-and a mark wider than a digit may hold touching digits, so its candidate pieces (between the
-columns where the least ink crosses) are all classified and the most probable split is kept.
-`plan_single` is the one-digit reading of /predict, which refuses several digits and non-digits.
-Both are plans: the caller runs the model on `plan.inputs` (one batch) and hands the
-probabilities back, so the service can batch the model call and evaluation can run Keras.
+How a drawing is split into marks (digits of a number, or not digits) is `pipelines.segmentation`.
 
 Bump `PREPROCESSING_VERSION` whenever the output of this module changes for the same image: the
 package stage only promotes models trained under the current version.
@@ -24,17 +18,13 @@ package stage only promotes models trained under the current version.
 from __future__ import annotations
 
 import io
-import math
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageSequence
 from scipy import ndimage
 
-# v2: the model's input is unchanged, but it answers CLASSES (digits, then not a digit) and
-# drawings are read mark by mark.
+# v2: the model's input is unchanged, but it answers CLASSES (digits, then not a digit).
 PREPROCESSING_VERSION = "mnist-box20-com-v2"
 IMAGE_SIZE = 28
 INPUT_SHAPE = (IMAGE_SIZE, IMAGE_SIZE, 1)
@@ -50,15 +40,6 @@ INK_THRESHOLD = 0.2  # a pixel is ink when it differs from the background by 20%
 MIN_CONTRAST = 0.15  # below this the image is blank (uniform, or only compression noise)
 SPECK_FRACTION = 0.02  # ink blobs holding less than 2% of all ink are specks, not strokes
 MIN_INK_PIXELS = 4  # fewer ink pixels than this is not a digit
-# Splitting a drawing into marks (see plan_reading).
-SAME_MARK_OVERLAP = 0.4  # strokes sharing this share of the narrower one's columns: one mark
-SPLIT_ASPECT = 1.1  # a mark at least this wide for its height may hold touching digits
-MAX_DIGIT_ASPECT = 1.3  # no piece of a split is wider than this for the mark's height
-MIN_PIECE_ASPECT = 0.12  # nor narrower than this (a 1 is narrow, but not a sliver)
-MAX_CUTS = 6  # candidate cut columns tried per wide mark
-SPLIT_PENALTY = 1.0  # log-probability each extra piece costs: a split must be clearly better
-SPLIT_MIN_CONFIDENCE = 0.5  # every piece of a chosen split must be a digit at least this sure
-SEVERAL_DIGITS_CONFIDENCE = 0.8  # /predict refuses when two marks are digits at least this sure
 
 
 class ImageError(ValueError):
@@ -74,78 +55,6 @@ class NoDigitError(ImageError):
 
     def __init__(self, message: str = "no digit found in the image") -> None:
         super().__init__(message, reason="no_digit")
-
-
-class NotADigitError(ImageError):
-    """The drawing, or some of its marks, is not a digit (a letter, a symbol, a scribble)."""
-
-    def __init__(self, message: str, marks: list[Mark]) -> None:
-        super().__init__(message, reason="not_a_digit")
-        self.marks = marks
-
-
-class SeveralDigitsError(ImageError):
-    """/predict was sent a drawing that clearly holds several digits."""
-
-    def __init__(self, marks: list[Mark]) -> None:
-        super().__init__(
-            f"the drawing holds {len(marks)} digits; /predict reads one, use /read for numbers",
-            reason="several_digits",
-        )
-        self.marks = marks
-
-
-@dataclass(frozen=True)
-class Box:
-    """A rectangle in the pixels of the image as it was sent."""
-
-    x: int
-    y: int
-    width: int
-    height: int
-
-    def scaled(self, factor: int, limit: tuple[int, int]) -> Box:
-        """The same box in an image `factor` times larger (clipped to its width, height)."""
-        x, y = self.x * factor, self.y * factor
-        return Box(
-            x, y, min(self.width * factor, limit[0] - x), min(self.height * factor, limit[1] - y)
-        )
-
-
-@dataclass(frozen=True)
-class Mark:
-    """One thing written: where it is, what the model saw, and what it said."""
-
-    box: Box
-    input: np.ndarray  # the (28, 28) model input
-    probabilities: np.ndarray  # the model's CLASSES outputs
-
-    @property
-    def is_digit(self) -> bool:
-        return int(np.argmax(self.probabilities)) != NOT_A_DIGIT
-
-    @property
-    def digit(self) -> int:
-        """The most probable digit (also for a mark that is not a digit)."""
-        return int(np.argmax(self.probabilities[: len(LABELS)]))
-
-    @property
-    def digit_probabilities(self) -> np.ndarray:
-        """The ten digits' probabilities, given that the mark is a digit (they sum to 1)."""
-        return digit_probabilities(self.probabilities)
-
-    @property
-    def confidence(self) -> float:
-        """How sure the model is of its answer: the digit's or, if not a digit, that."""
-        if self.is_digit:
-            return float(self.digit_probabilities[self.digit])
-        return float(self.probabilities[NOT_A_DIGIT])
-
-
-def digit_probabilities(probabilities: np.ndarray) -> np.ndarray:
-    """The digits' share of the model's outputs, renormalised: what /predict reports."""
-    digits = np.asarray(probabilities, dtype=np.float64)[..., : len(LABELS)]
-    return digits / np.clip(digits.sum(axis=-1, keepdims=True), 1e-12, None)
 
 
 def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
@@ -230,273 +139,6 @@ def image_to_input(image: Image.Image) -> np.ndarray:
     return ink_to_input(ink_map(image))
 
 
-@dataclass(frozen=True)
-class _Span:
-    """Candidate pieces of one mark: the inputs of every interval between its cut columns."""
-
-    intervals: list[tuple[int, int]]  # index pairs into `cuts`
-    cuts: list[int]  # column offsets in the mark, 0 and its width included
-    boxes: list[Box]
-    first_input: int  # index of the first interval's input in the plan's inputs
-
-
-@dataclass(frozen=True)
-class ReadingPlan:
-    """What the model must classify to read a drawing; `marks` turns its answers into marks.
-
-    A mark that may hold touching digits has several candidate pieces: the chosen split is the
-    one whose pieces the model finds most probable as digits, each extra piece costing
-    SPLIT_PENALTY, and any split must have every piece a digit at least SPLIT_MIN_CONFIDENCE
-    sure (a scribble is not three 1s).
-    """
-
-    inputs: np.ndarray  # (M, 28, 28)
-    spans: list[_Span]
-    scale: int  # ink-map pixels to the sent image's pixels
-    image_size: tuple[int, int]
-
-    def marks(self, probabilities: np.ndarray) -> list[Mark]:
-        marks = []
-        for span in self.spans:
-            for offset in _best_split(span, probabilities[span.first_input :]):
-                index = span.first_input + offset
-                marks.append(
-                    Mark(
-                        span.boxes[offset].scaled(self.scale, self.image_size),
-                        self.inputs[index],
-                        np.asarray(probabilities[index], dtype=np.float32),
-                    )
-                )
-        return marks
-
-
-def _best_split(span: _Span, probabilities: np.ndarray) -> list[int]:
-    """The chosen pieces of a mark, as offsets into its intervals.
-
-    The whole mark competes with every chain of intervals from its first cut to its last whose
-    pieces are all digits at least SPLIT_MIN_CONFIDENCE sure (Viterbi over the cuts). A chain
-    scores the sum of its pieces' log digit probabilities, minus SPLIT_PENALTY per extra piece.
-    A mark that is not a digit as a whole is split only into sure digits; otherwise it stays
-    whole (and is refused as not a digit).
-    """
-    last = len(span.cuts) - 1
-    whole = span.intervals.index((0, last))
-    offsets = {interval: offset for offset, interval in enumerate(span.intervals)}
-    best: dict[int, tuple[float, list[int]]] = {0: (0.0, [])}
-    for end in range(1, last + 1):
-        for start in range(end):
-            offset = offsets.get((start, end))
-            if start not in best or offset is None or offset == whole:
-                continue
-            row = probabilities[offset]
-            sure = float(row[: len(LABELS)].max())
-            if int(np.argmax(row)) == NOT_A_DIGIT or sure < SPLIT_MIN_CONFIDENCE:
-                continue
-            score = best[start][0] + math.log(sure) - (SPLIT_PENALTY if start > 0 else 0.0)
-            if end not in best or score > best[end][0]:
-                best[end] = (score, [*best[start][1], offset])
-    if last not in best:
-        return [whole]
-    whole_row = probabilities[whole]
-    if int(np.argmax(whole_row)) == NOT_A_DIGIT:
-        return best[last][1]
-    whole_score = math.log(max(float(whole_row[: len(LABELS)].max()), 1e-12))
-    return best[last][1] if best[last][0] > whole_score else [whole]
-
-
-@dataclass(frozen=True)
-class SingleDigitPlan:
-    """/predict's reading: the whole drawing as one digit, and its marks when there are several
-    (to refuse a number, or a digit beside a scribble, instead of guessing one digit)."""
-
-    inputs: np.ndarray  # the whole drawing first, then one input per mark if several
-    boxes: list[Box]
-
-    def digit(self, probabilities: np.ndarray) -> Mark:
-        """The one digit drawn; raises NotADigitError or SeveralDigitsError."""
-        whole = Mark(self.boxes[0], self.inputs[0], np.asarray(probabilities[0], np.float32))
-        marks = [
-            Mark(box, pixels, np.asarray(row, np.float32))
-            for box, pixels, row in zip(
-                self.boxes[1:], self.inputs[1:], probabilities[1:], strict=True
-            )
-        ]
-        sure_digits = [
-            mark for mark in marks if mark.is_digit and mark.confidence >= SEVERAL_DIGITS_CONFIDENCE
-        ]
-        if len(sure_digits) >= 2:
-            raise SeveralDigitsError(marks)
-        if not whole.is_digit:
-            raise NotADigitError("the drawing is not a digit", marks or [whole])
-        return whole
-
-
-def plan_reading(
-    ink: np.ndarray, scale: int = 1, image_size: tuple[int, int] | None = None
-) -> ReadingPlan:
-    """Split an ink map into marks and list every input the model must classify to read them."""
-    ink = _normalised(ink)
-    size = image_size or (ink.shape[1] * scale, ink.shape[0] * scale)
-    groups = _mark_masks(ink)
-    if len(groups) == 1 and not _may_hold_several(groups[0][1]):
-        box = groups[0][1]
-        return ReadingPlan(
-            ink_to_input(ink)[np.newaxis], [_Span([(0, 1)], [0, box.width], [box], 0)], scale, size
-        )
-    inputs: list[np.ndarray] = []
-    spans = []
-    for mask, box in groups:
-        piece = np.where(mask, ink, 0.0)[box.y : box.y + box.height, box.x : box.x + box.width]
-        cuts = [0, *_cut_columns(piece), box.width] if _may_hold_several(box) else [0, box.width]
-        intervals, boxes = [], []
-        for start in range(len(cuts) - 1):
-            for end in range(start + 1, len(cuts)):
-                width = cuts[end] - cuts[start]
-                whole = (start, end) == (0, len(cuts) - 1)
-                if not whole and not (MIN_PIECE_ASPECT <= width / box.height <= MAX_DIGIT_ASPECT):
-                    continue
-                part = piece[:, cuts[start] : cuts[end]]
-                rows = np.flatnonzero((part >= INK_THRESHOLD).any(axis=1))
-                if len(rows) == 0:
-                    continue
-                intervals.append((start, end))
-                boxes.append(
-                    Box(
-                        box.x + cuts[start],
-                        box.y + int(rows[0]),
-                        width,
-                        int(rows[-1] - rows[0] + 1),
-                    )
-                )
-                inputs.append(ink_to_input(part))
-        spans.append(_Span(intervals, cuts, boxes, len(inputs) - len(intervals)))
-    return ReadingPlan(np.stack(inputs), spans, scale, size)
-
-
-def plan_single(
-    ink: np.ndarray, scale: int = 1, image_size: tuple[int, int] | None = None
-) -> SingleDigitPlan:
-    """/predict's plan: the whole drawing, plus each mark when there is more than one."""
-    ink = _normalised(ink)
-    size = image_size or (ink.shape[1] * scale, ink.shape[0] * scale)
-    groups = _mark_masks(ink)
-    whole_box = _union([box for _, box in groups])
-    inputs = [ink_to_input(ink)]
-    boxes = [whole_box.scaled(scale, size)]
-    if len(groups) > 1:
-        for mask, box in groups:
-            inputs.append(
-                ink_to_input(
-                    np.where(mask, ink, 0.0)[box.y : box.y + box.height, box.x : box.x + box.width]
-                )
-            )
-            boxes.append(box.scaled(scale, size))
-    return SingleDigitPlan(np.stack(inputs), boxes)
-
-
-Classifier = Callable[[np.ndarray], np.ndarray]
-
-
-def read_marks(image: Image.Image, classify: Classifier) -> list[Mark]:
-    """Every mark of a drawing, left to right, read by `classify` ((N,28,28) -> (N,CLASSES))."""
-    plan = plan_reading(ink_map(image), working_scale(image), image.size)
-    return plan.marks(classify(plan.inputs))
-
-
-def read_single(image: Image.Image, classify: Classifier) -> Mark:
-    """The one digit of a drawing, as /predict reads it (raises NotADigitError,
-    SeveralDigitsError or NoDigitError)."""
-    plan = plan_single(ink_map(image), working_scale(image), image.size)
-    return plan.digit(classify(plan.inputs))
-
-
-def working_scale(image: Image.Image) -> int:
-    """How many sent pixels one ink-map pixel stands for (see _shrink)."""
-    return _shrink_factor(image.size)
-
-
-def _normalised(ink: np.ndarray) -> np.ndarray:
-    ink = np.nan_to_num(np.asarray(ink, dtype=np.float32))
-    contrast = float(ink.max()) if ink.size else 0.0
-    if contrast < MIN_CONTRAST:
-        raise NoDigitError()
-    return ink / contrast
-
-
-def _mark_masks(ink: np.ndarray) -> list[tuple[np.ndarray, Box]]:
-    """The marks of a drawing, left to right: strokes (ignoring specks) grouped by the columns
-    they share, each as a mask (its strokes, slightly widened to keep their anti-aliased edges)
-    and its bounding box."""
-    mask = ink >= INK_THRESHOLD
-    labels, count = ndimage.label(mask, structure=np.ones((3, 3)))
-    if count == 0:
-        raise NoDigitError()
-    masses = np.bincount(labels.ravel(), weights=ink.ravel(), minlength=count + 1)
-    masses[0] = 0.0
-    keep = np.flatnonzero(masses >= SPECK_FRACTION * masses.sum())
-    if sum(int((labels == k).sum()) for k in keep) < MIN_INK_PIXELS:
-        raise NoDigitError()
-    slices = ndimage.find_objects(labels)
-    spans = sorted([slices[k - 1][1].start, slices[k - 1][1].stop, [k]] for k in keep)
-    merged: list[list] = []
-    for start, stop, members in spans:
-        if merged:
-            previous = merged[-1]
-            overlap = min(stop, previous[1]) - max(start, previous[0])
-            narrower = min(stop - start, previous[1] - previous[0])
-            if overlap >= SAME_MARK_OVERLAP * narrower:
-                previous[1] = max(previous[1], stop)
-                previous[2].extend(members)
-                continue
-        merged.append([start, stop, members])
-    boxes = [_stroke_box(np.isin(labels, members)) for _, _, members in merged]
-    if len(merged) == 1:
-        return [(np.ones(ink.shape, dtype=bool), boxes[0])]
-    owner = np.zeros(count + 1, dtype=np.int64)
-    for number, (_, _, members) in enumerate(merged, start=1):
-        owner[members] = number
-    nearest = ndimage.distance_transform_edt(
-        owner[labels] == 0, return_distances=False, return_indices=True
-    )
-    claimed = owner[labels[nearest[0], nearest[1]]]  # each pixel goes to the nearest stroke
-    return [(claimed == number, box) for number, box in enumerate(boxes, start=1)]
-
-
-def _stroke_box(strokes: np.ndarray) -> Box:
-    rows = np.flatnonzero(strokes.any(axis=1))
-    cols = np.flatnonzero(strokes.any(axis=0))
-    return Box(int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1))
-
-
-def _union(boxes: list[Box]) -> Box:
-    left, top = min(b.x for b in boxes), min(b.y for b in boxes)
-    right = max(b.x + b.width for b in boxes)
-    bottom = max(b.y + b.height for b in boxes)
-    return Box(left, top, right - left, bottom - top)
-
-
-def _may_hold_several(box: Box) -> bool:
-    return box.width >= SPLIT_ASPECT * box.height
-
-
-def _cut_columns(piece: np.ndarray) -> list[int]:
-    """Up to MAX_CUTS columns where the least ink crosses the mark: where touching digits join."""
-    height, width = piece.shape
-    profile = ndimage.uniform_filter1d(piece.sum(axis=0), size=3)
-    margin = max(1, round(MIN_PIECE_ASPECT * height))
-    inner = np.arange(margin, width - margin)
-    if len(inner) == 0:
-        return []
-    minima = [c for c in inner if profile[c] <= profile[c - 1] and profile[c] <= profile[c + 1]]
-    chosen: list[int] = []
-    for column in sorted(minima, key=lambda c: profile[c]):
-        if all(abs(column - other) >= margin for other in chosen):
-            chosen.append(int(column))
-        if len(chosen) == MAX_CUTS:
-            break
-    return sorted(chosen)
-
-
 def bytes_to_input(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """Decode image bytes and preprocess them; raises ImageError for anything unusable."""
     return image_to_input(decode_image(data, max_pixels=max_pixels))
@@ -520,13 +162,14 @@ def _grayscale(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
 
 
-def _shrink_factor(size: tuple[int, int]) -> int:
+def shrink_factor(size: tuple[int, int]) -> int:
+    """How many sent pixels one pixel of the ink map stands for (see _shrink)."""
     return max(1, -(-max(size) // MAX_WORKING_SIDE))
 
 
 def _shrink(image: Image.Image) -> Image.Image:
     """Box-average big images down by an integer factor so the working side is at most 256."""
-    factor = _shrink_factor(image.size)
+    factor = shrink_factor(image.size)
     if factor <= 1:
         return image
     if image.mode.startswith("I") or image.mode == "F":

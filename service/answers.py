@@ -26,7 +26,8 @@ from PIL import Image
 from pydantic import BaseModel, Field
 from starlette.responses import JSONResponse
 
-from pipelines.preprocessing import NOT_A_DIGIT, Mark
+from pipelines.preprocessing import NOT_A_DIGIT
+from pipelines.segmentation import Mark
 
 DECIMALS = 6
 

@@ -18,7 +18,8 @@ from typing import TypeVar
 
 import numpy as np
 
-from pipelines.preprocessing import decode_image, ink_map, working_scale
+from pipelines.preprocessing import decode_image, ink_map
+from pipelines.segmentation import working_scale
 from service.errors import RequestError
 
 Plan = TypeVar("Plan")

@@ -35,15 +35,8 @@ from starlette.routing import Match, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import Scope
 
-from pipelines.preprocessing import (
-    CLASSES,
-    PREPROCESSING_VERSION,
-    ImageError,
-    Mark,
-    SingleDigitPlan,
-    plan_reading,
-    plan_single,
-)
+from pipelines.preprocessing import CLASSES, PREPROCESSING_VERSION, ImageError
+from pipelines.segmentation import Mark, SingleDigitPlan, plan_reading, plan_single
 from service import metrics
 from service.answers import (
     BatchPrediction,

@@ -14,7 +14,8 @@ from pipelines.drawing import (
     render_number,
     render_on_canvas,
 )
-from pipelines.preprocessing import Box, image_to_input
+from pipelines.preprocessing import image_to_input
+from pipelines.segmentation import Box
 
 CANVAS = (840, 280)
 

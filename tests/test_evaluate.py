@@ -27,7 +27,8 @@ from pipelines.evaluate import (
     refused,
     segmentation_scores,
 )
-from pipelines.preprocessing import CLASSES, NOT_A_DIGIT, Box, Classifier, read_marks
+from pipelines.preprocessing import CLASSES, NOT_A_DIGIT
+from pipelines.segmentation import Box, Classifier, read_marks
 
 CANVAS = (840, 280)
 SETTINGS = {

@@ -30,7 +30,8 @@ import pytest
 from PIL import Image
 from starlette.testclient import TestClient
 
-from pipelines.preprocessing import CLASSES, NOT_A_DIGIT, PREPROCESSING_VERSION, Box, Mark
+from pipelines.preprocessing import CLASSES, NOT_A_DIGIT, PREPROCESSING_VERSION
+from pipelines.segmentation import Box, Mark
 from service.answers import not_a_digit_message
 from service.batcher import MicroBatcher
 from service.guard import RequestGuard

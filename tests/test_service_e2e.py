@@ -340,6 +340,7 @@ def test_bento_builds_with_code_page_model_pinned_packages_and_a_dockerfile(bent
         "src/service/answers.py",
         "src/service/runtime.py",
         "src/pipelines/preprocessing.py",
+        "src/pipelines/segmentation.py",
         "src/web/index.html",
         "src/web/app.js",
     ):

@@ -214,7 +214,9 @@ def test_bfloat16_training_hands_float32_weights_to_the_saved_model():
     mixed = build_model((4, 8, 16), 0.0, fused=True, precision="mixed_bfloat16")
     mixed.compile(optimizer="adam", loss="categorical_crossentropy")
     images = tf.random.stateless_uniform([64, 28, 28, 1], [13, 14])
-    mixed.fit(images, tf.one_hot(tf.range(64) % CLASSES, CLASSES), epochs=2, batch_size=32, verbose=0)
+    mixed.fit(
+        images, tf.one_hot(tf.range(64) % CLASSES, CLASSES), epochs=2, batch_size=32, verbose=0
+    )
     assert mixed(images).dtype == "float32"  # probabilities and the loss stay in float32
 
     handed_over = with_stock_layers(mixed, settings(filters=[4, 8, 16], dropout=0.0))

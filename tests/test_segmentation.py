@@ -1,0 +1,121 @@
+"""Reading a drawing mark by mark: multi-stroke digits stay one mark, numbers are read left to
+right, touching digits are split only into digits the model is sure of, and /predict's reading
+refuses several digits and non-digits instead of guessing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from pipelines.preprocessing import CLASSES, NOT_A_DIGIT, NoDigitError, image_to_input, ink_map
+from pipelines.segmentation import (
+    NotADigitError,
+    SeveralDigitsError,
+    plan_reading,
+    plan_single,
+    read_marks,
+    read_single,
+    working_scale,
+)
+
+
+def pad_with(*strokes: list[tuple[int, int]], size: tuple[int, int] = (840, 280)) -> Image.Image:
+    """A transparent canvas like the page's, with each stroke drawn as a thick polyline."""
+    image = Image.new("RGBA", size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(image)
+    for stroke in strokes:
+        draw.line(stroke, fill=(20, 20, 20, 255), width=16, joint="curve")
+    return image
+
+
+FOUR = ([(100, 60), (70, 170), (160, 170)], [(140, 90), (140, 240)])  # two strokes
+FIVE = ([(140, 60), (90, 60)], [(95, 65), (90, 130), (150, 150), (140, 220), (80, 225)])
+SEVEN = ([(80, 60), (170, 60), (110, 230)], [(90, 150), (150, 150)])  # crossed
+ONE = ([(400, 60), (400, 230)],)
+
+
+def probabilities_for(plan_inputs: np.ndarray, answers: list[int], sure: float = 0.97):
+    """Model answers, one class per input: `sure` on it, the rest spread evenly."""
+    rows = np.full((len(plan_inputs), CLASSES), (1 - sure) / (CLASSES - 1))
+    rows[np.arange(len(answers)), answers] = sure
+    return rows
+
+
+@pytest.mark.parametrize("digit", [FOUR, FIVE, SEVEN], ids=["four", "five", "crossed-seven"])
+def test_a_digit_written_in_several_strokes_is_one_mark(digit):
+    image = pad_with(*digit)
+    single = plan_single(ink_map(image), working_scale(image), image.size)
+    assert len(single.inputs) == 1  # nothing to refuse as several digits
+    reading = plan_reading(ink_map(image), working_scale(image), image.size)
+    assert len(reading.inputs) == 1
+    np.testing.assert_array_equal(reading.inputs[0], image_to_input(image))  # same as /predict
+
+
+def test_separate_digits_are_read_left_to_right_with_boxes_in_the_sent_pixels():
+    one_then_four = pad_with(*ONE, *(_moved(stroke, 500) for stroke in FOUR))
+    plan = plan_reading(ink_map(one_then_four), working_scale(one_then_four), (840, 280))
+    marks = plan.marks(probabilities_for(plan.inputs, [1, 4]))
+    assert [mark.digit for mark in marks] == [1, 4]
+    first, second = (mark.box for mark in marks)
+    assert 380 <= first.x <= 400 <= first.x + first.width <= 420  # the 1 at x=400, 16 px wide
+    assert second.x >= 560 and second.x + second.width <= 670  # the 4 spans x=570..660
+    assert 50 <= second.y <= 82 and second.y + second.height >= 230
+
+
+def test_predict_refuses_several_sure_digits_but_reads_one_beside_a_doubtful_mark():
+    two_marks = pad_with(*ONE, *(_moved(stroke, 500) for stroke in FOUR))
+    plan = plan_single(ink_map(two_marks), working_scale(two_marks), (840, 280))
+    assert len(plan.inputs) == 3  # the whole drawing, then each mark
+    with pytest.raises(SeveralDigitsError) as refused:
+        plan.digit(probabilities_for(plan.inputs, [4, 1, 4]))
+    assert refused.value.reason == "several_digits" and "/read" in str(refused.value)
+    # One sure digit and a mark the model doubts: the whole drawing's answer stands.
+    answers = probabilities_for(plan.inputs, [4, 1, 4])
+    answers[1] = probabilities_for(plan.inputs[:1], [1], sure=0.4)[0]
+    assert plan.digit(answers).digit == 4
+
+
+def test_a_drawing_the_model_calls_not_a_digit_is_refused_by_predict():
+    image = pad_with(*SEVEN)
+    plan = plan_single(ink_map(image), working_scale(image), image.size)
+    with pytest.raises(NotADigitError) as refused:
+        plan.digit(probabilities_for(plan.inputs, [NOT_A_DIGIT]))
+    assert refused.value.reason == "not_a_digit"
+
+
+def test_touching_digits_are_split_where_the_model_reads_sure_digits():
+    bars = [[(x, 60), (x, 230)] for x in (100, 180, 260, 340)]
+    touching = pad_with(*bars, [(100, 140), (340, 140)])  # four 1s joined by a stroke
+    plan = plan_reading(ink_map(touching), working_scale(touching), (840, 280))
+    (span,) = plan.spans
+    assert len(plan.inputs) > 1  # a mark wider than tall: pieces were tried
+    whole = span.intervals.index((0, len(span.cuts) - 1))
+    # The model: the whole is not a digit, every narrower piece is a sure 1.
+    answers = [NOT_A_DIGIT if offset == whole else 1 for offset in range(len(plan.inputs))]
+    marks = plan.marks(probabilities_for(plan.inputs, answers))
+    assert len(marks) >= 2 and all(mark.digit == 1 for mark in marks)
+    boxes = [mark.box for mark in marks]
+    assert all(a.x + a.width <= b.x for a, b in zip(boxes, boxes[1:], strict=False))
+    # The same mark, which the model reads as one sure digit, stays whole.
+    answers = [7 if offset == whole else 1 for offset in range(len(plan.inputs))]
+    assert [mark.digit for mark in plan.marks(probabilities_for(plan.inputs, answers))] == [7]
+
+
+def test_read_marks_and_read_single_run_the_classifier_once_on_the_plan():
+    image = pad_with(*ONE)
+    calls = []
+
+    def classify(inputs: np.ndarray) -> np.ndarray:
+        calls.append(inputs.shape)
+        return probabilities_for(inputs, [1] * len(inputs))
+
+    assert [mark.digit for mark in read_marks(image, classify)] == [1]
+    assert read_single(image, classify).digit == 1
+    assert calls == [(1, 28, 28), (1, 28, 28)]
+    with pytest.raises(NoDigitError):
+        read_marks(Image.new("RGBA", (840, 280)), classify)
+
+
+def _moved(stroke: list[tuple[int, int]], dx: int) -> list[tuple[int, int]]:
+    return [(x + dx, y) for x, y in stroke]
