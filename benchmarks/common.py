@@ -24,6 +24,7 @@ SHARED_MNIST = REPO_ROOT.parent / "shared" / "mnist"
 BENTOML = REPO_ROOT / ".venv" / "bin" / "bentoml"
 SERVICE = "service.service:Digits"
 CANVAS_SIDE = 280  # the drawing page's canvas, in pixels
+NUMBER_CANVAS = (840, 280)  # width, height: a canvas for a four-digit number
 
 
 # ---- Drawings ---------------------------------------------------------------------------------
@@ -37,6 +38,27 @@ def render_canvas(digit: np.ndarray) -> bytes:
     )
     canvas = Image.new("RGBA", ink.size, (20, 20, 20, 0))
     canvas.putalpha(ink)
+    buffer = io.BytesIO()
+    canvas.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def render_number(glyphs: list[np.ndarray], size: tuple[int, int] = NUMBER_CANVAS) -> bytes:
+    """28x28 MNIST digits written left to right on one line, each in an equal slot at 3/4 of
+    the height (as tests/conftest.py's render_line), sent the way the page sends its pad: an
+    RGBA PNG of black ink on opaque white (web/pad.js, exportImage)."""
+    width, height = size
+    slot = width // len(glyphs)
+    side = min(height * 3 // 4, slot)
+    ink = np.zeros((height, width), dtype=np.uint8)
+    for position, glyph in enumerate(glyphs):
+        scaled = Image.fromarray(np.asarray(glyph, dtype=np.uint8)).resize(
+            (side, side), Image.Resampling.BILINEAR
+        )
+        left, top = position * slot + (slot - side) // 2, (height - side) // 2
+        ink[top : top + side, left : left + side] = np.asarray(scaled)
+    paper = Image.fromarray(255 - ink)
+    canvas = Image.merge("RGBA", [paper, paper, paper, Image.new("L", size, 255)])
     buffer = io.BytesIO()
     canvas.save(buffer, format="PNG")
     return buffer.getvalue()
