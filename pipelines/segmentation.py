@@ -42,6 +42,8 @@ SPLIT_ASPECT = 1.1  # a mark at least this wide for its height may hold touching
 MAX_DIGIT_ASPECT = 1.3  # no piece of a split is wider than this for the mark's height
 MIN_PIECE_ASPECT = 0.12  # nor narrower than this (a 1 is narrow, but not a sliver)
 MAX_CUTS = 6  # candidate cut columns tried per wide mark
+MAX_MARKS = 24  # a drawing with more marks is refused: no number is that long, and each costs
+MAX_INPUTS = 64  # model inputs per reading; past this, wide marks are read whole, not split
 SPLIT_PENALTY = 1.0  # log-probability each extra piece costs: a split must be clearly better
 SPLIT_MIN_CONFIDENCE = 0.5  # every piece of a chosen split must be a digit at least this sure
 SEVERAL_DIGITS_CONFIDENCE = 0.8  # /predict refuses when two marks are digits at least this sure
@@ -234,9 +236,12 @@ def plan_reading(
         )
     inputs: list[np.ndarray] = []
     spans = []
-    for mask, box in groups:
+    for number, (mask, box) in enumerate(groups):
         piece = np.where(mask, ink, 0.0)[box.y : box.y + box.height, box.x : box.x + box.width]
-        cuts = [0, *_cut_columns(piece), box.width] if _may_hold_several(box) else [0, box.width]
+        room = MAX_INPUTS - len(inputs) - (len(groups) - number)  # inputs left for pieces
+        cuts = [0, box.width]
+        if _may_hold_several(box) and room >= (MAX_CUTS + 2) * (MAX_CUTS + 1) // 2:
+            cuts = [0, *_cut_columns(piece), box.width]
         intervals, boxes = [], []
         for start in range(len(cuts) - 1):
             for end in range(start + 1, len(cuts)):
@@ -246,7 +251,11 @@ def plan_reading(
                     continue
                 part = piece[:, cuts[start] : cuts[end]]
                 rows = np.flatnonzero((part >= INK_THRESHOLD).any(axis=1))
-                if len(rows) == 0:
+                try:
+                    pixels = ink_to_input(part)
+                except NoDigitError:  # a sliver of another piece: no reading of it
+                    if whole:
+                        raise
                     continue
                 intervals.append((start, end))
                 boxes.append(
@@ -257,7 +266,7 @@ def plan_reading(
                         int(rows[-1] - rows[0] + 1),
                     )
                 )
-                inputs.append(ink_to_input(part))
+                inputs.append(pixels)
         spans.append(_Span(intervals, cuts, boxes, len(inputs) - len(intervals)))
     return ReadingPlan(np.stack(inputs), spans, scale, size)
 
@@ -322,8 +331,9 @@ def _mark_masks(ink: np.ndarray) -> list[tuple[np.ndarray, Box]]:
         raise NoDigitError()
     masses = np.bincount(labels.ravel(), weights=ink.ravel(), minlength=count + 1)
     masses[0] = 0.0
-    keep = np.flatnonzero(masses >= SPECK_FRACTION * masses.sum())
-    if sum(int((labels == k).sum()) for k in keep) < MIN_INK_PIXELS:
+    pixels = np.bincount(labels.ravel(), minlength=count + 1)
+    keep = np.flatnonzero((masses >= SPECK_FRACTION * masses.sum()) & (pixels >= MIN_INK_PIXELS))
+    if len(keep) == 0:
         raise NoDigitError()
     slices = ndimage.find_objects(labels)
     spans = sorted([slices[k - 1][1].start, slices[k - 1][1].stop, [k]] for k in keep)
@@ -338,6 +348,11 @@ def _mark_masks(ink: np.ndarray) -> list[tuple[np.ndarray, Box]]:
                 previous[2].extend(members)
                 continue
         merged.append([start, stop, members])
+    if len(merged) > MAX_MARKS:
+        raise ImageError(
+            f"the drawing holds {len(merged)} separate marks; at most {MAX_MARKS} are read",
+            reason="too_many_marks",
+        )
     boxes = [_stroke_box(np.isin(labels, members)) for _, _, members in merged]
     if len(merged) == 1:
         return [(np.ones(ink.shape, dtype=bool), boxes[0])]

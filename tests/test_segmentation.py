@@ -8,8 +8,16 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from pipelines.preprocessing import CLASSES, NOT_A_DIGIT, NoDigitError, image_to_input, ink_map
+from pipelines.preprocessing import (
+    CLASSES,
+    NOT_A_DIGIT,
+    ImageError,
+    NoDigitError,
+    image_to_input,
+    ink_map,
+)
 from pipelines.segmentation import (
+    MAX_INPUTS,
     NotADigitError,
     SeveralDigitsError,
     plan_reading,
@@ -119,3 +127,26 @@ def test_read_marks_and_read_single_run_the_classifier_once_on_the_plan():
 
 def _moved(stroke: list[tuple[int, int]], dx: int) -> list[tuple[int, int]]:
     return [(x + dx, y) for x, y in stroke]
+
+
+def test_a_tiny_mark_beside_a_digit_is_a_speck_not_a_reason_to_refuse_the_drawing():
+    ink = np.zeros((40, 100), np.float32)
+    ink[5:35, 10:13] = 1.0  # a 1
+    ink[30, 60:63] = 1.0  # three pixels: a speck, though 9% of the ink
+    plan = plan_reading(ink)
+    assert len(plan.inputs) == 1
+    assert len(plan_single(ink).inputs) == 1
+
+
+def test_a_drawing_of_too_many_marks_is_refused_before_any_work():
+    image = pad_with(*([(x, 100), (x + 8, 180)] for x in range(20, 820, 30)))  # 27 strokes
+    with pytest.raises(ImageError) as refused:
+        plan_reading(ink_map(image), working_scale(image), image.size)
+    assert refused.value.reason == "too_many_marks"
+
+
+def test_wide_marks_beyond_the_input_budget_are_read_whole():
+    zigzag = [(x, 60 if (x // 20) % 2 else 220) for x in range(0, 250, 20)]
+    image = pad_with(*([(x + dx, y) for x, y in zigzag] for dx in (10, 290, 570)))
+    plan = plan_reading(ink_map(image), working_scale(image), image.size)
+    assert len(plan.spans) == 3 and len(plan.inputs) <= MAX_INPUTS
