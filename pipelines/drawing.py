@@ -37,7 +37,8 @@ STROKE = (-0.5, 1.0)  # pen width change in MNIST pixels (see CanvasStyle.stroke
 NUMBER_MARGIN = 0.04  # blank border kept around a number, as a share of the canvas height
 # The oracle's notion of "this crop is that digit" (see RenderedNumber.digit_in).
 WHOLE_SHARE = 0.8  # at least this share of the digit's ink is inside the crop
-STRAY_SHARE = 0.2  # and no other digit has more than this share of its ink inside
+STRAY_SHARE = 0.2  # other digits have at most this share of their ink inside,
+TIP_SHARE = 0.5  # or at most this share when it is at most STRAY_SHARE of the ink inside
 
 
 @dataclass(frozen=True)
@@ -144,26 +145,39 @@ class RenderedNumber:
             )
         return boxes
 
-    def shares_in(self, box: Box) -> np.ndarray:
-        """The share of each digit's ink that lies inside `box` (canvas pixels): (n,) floats."""
-        shares = np.zeros(len(self.inks))
+    def ink_in(self, box: Box) -> np.ndarray:
+        """How much of each digit's ink lies inside `box` (canvas pixels): (n,) sums of ink."""
+        amounts = np.zeros(len(self.inks))
         for index, (ink, (x, y)) in enumerate(zip(self.inks, self.origins, strict=True)):
             left, top = max(box.x - x, 0), max(box.y - y, 0)
             right = min(box.x + box.width - x, ink.shape[1])
             bottom = min(box.y + box.height - y, ink.shape[0])
             if right > left and bottom > top:
-                inside = float(ink[top:bottom, left:right].sum(dtype=np.float64))
-                shares[index] = inside / float(ink.sum(dtype=np.float64))
-        return shares
+                amounts[index] = float(ink[top:bottom, left:right].sum(dtype=np.float64))
+        return amounts
+
+    def shares_in(self, box: Box) -> np.ndarray:
+        """The share of each digit's ink that lies inside `box` (canvas pixels): (n,) floats."""
+        totals = np.array([ink.sum(dtype=np.float64) for ink in self.inks])
+        return self.ink_in(box) / totals
+
+    def present_in(self, box: Box) -> np.ndarray:
+        """Which digits a crop holds a real part of: (n,) bools. A digit is in when more than
+        STRAY_SHARE of its ink is inside, unless that is at most TIP_SHARE of it and at most
+        STRAY_SHARE of the ink inside: the tip of a slanted 1 reaching over its neighbour."""
+        shares = self.shares_in(box)
+        amounts = self.ink_in(box)
+        parts = amounts / max(float(amounts.sum()), 1.0)
+        tip = (shares <= TIP_SHARE) & (parts <= STRAY_SHARE)
+        return (shares > STRAY_SHARE) & ~tip
 
     def digit_in(self, box: Box) -> int | None:
-        """Which digit (its position in the number) a crop holds: the one with at least
-        WHOLE_SHARE of its ink inside while no other has more than STRAY_SHARE; None for a
-        piece of a digit or several digits."""
+        """Which digit (its position in the number) a crop holds: one with at least WHOLE_SHARE
+        of its ink inside and no other digit in it (see present_in); None for a piece of a
+        digit, or several digits."""
         shares = self.shares_in(box)
         best = int(np.argmax(shares))
-        others = np.delete(shares, best)
-        if shares[best] >= WHOLE_SHARE and (others.size == 0 or others.max() <= STRAY_SHARE):
+        if shares[best] >= WHOLE_SHARE and self.present_in(box).sum() == 1:
             return best
         return None
 

@@ -39,7 +39,6 @@ from pipelines import tracking
 from pipelines.download import load_prepared
 from pipelines.drawing import (
     CANVAS_STYLES,
-    STRAY_SHARE,
     RenderedNumber,
     render_number,
     render_on_canvas,
@@ -285,7 +284,7 @@ class NumberReading:
     joins: tuple[str, ...]
     text: str
     found: tuple[int | None, ...]  # per mark, its digit's position in the number
-    joined: frozenset[int]  # i when some mark holds a real share of both digits i and i + 1
+    joined: frozenset[int]  # i when one mark holds a real part of digits i and i + 1
 
     @property
     def exact(self) -> bool:
@@ -298,8 +297,8 @@ class NumberReading:
         return self.found == tuple(range(len(self.truth)))
 
     def pair_split(self, index: int) -> bool:
-        """Whether digits `index` and `index + 1` were split apart: no mark holds more than
-        STRAY_SHARE of the ink of each."""
+        """Whether digits `index` and `index + 1` were split apart: no mark holds a real part of
+        both (RenderedNumber.present_in)."""
         return index not in self.joined
 
 
@@ -308,8 +307,8 @@ def describe_reading(number: RenderedNumber, marks: Sequence[Mark]) -> NumberRea
     found = tuple(number.digit_in(mark.box) for mark in marks)
     joined = set()
     for mark in marks:
-        holds = number.shares_in(mark.box) > STRAY_SHARE
-        joined.update(np.flatnonzero(holds[:-1] & holds[1:]).tolist())
+        present = number.present_in(mark.box)
+        joined.update(np.flatnonzero(present[:-1] & present[1:]).tolist())
     return NumberReading(number.text, number.joins, text, found, frozenset(joined))
 
 

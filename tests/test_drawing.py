@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from PIL import Image
 from scipy import ndimage
 
 from pipelines.drawing import (
@@ -118,6 +119,19 @@ def test_a_crop_is_a_digit_only_when_it_holds_one_whole_digit(test_digits):
     half = Box(first.x, first.y, first.width // 2, first.height)
     assert number.digit_in(half) is None  # part of one
     assert number.shares_in(Box(0, 0, *CANVAS)) == pytest.approx([1.0, 1.0, 1.0])
+
+
+def test_the_tip_of_a_slanted_neighbour_does_not_make_a_crop_two_digits():
+    """A slanted 1 reaching over the next digit: that digit's crop holds the 1's tip, little ink
+    beside it, and a perfect reader still sees one digit; a whole thin 1 inside is a digit."""
+    block, tall, short = (np.full(shape, 255, np.uint8) for shape in ((40, 40), (100, 2), (40, 2)))
+    image = Image.new("L", CANVAS, 255)
+    crop = Box(100, 100, 42, 40)  # the block, and the 2 columns right of it down to row 140
+    reaching = RenderedNumber(image, (0, 1), ("touching",), (block, tall), ((100, 100), (140, 100)))
+    assert reaching.digit_in(crop) == 0  # 40% of the tall stroke, 5% of the ink inside
+    beside = RenderedNumber(image, (0, 1), ("touching",), (block, short), ((100, 100), (140, 100)))
+    assert beside.digit_in(crop) is None  # all of a short stroke: two digits
+    assert beside.digit_in(Box(120, 100, 22, 40)) is None  # half the block and the stroke
 
 
 def test_render_number_rejects_impossible_shares(test_digits):
