@@ -9,8 +9,10 @@ Both are plans: the caller runs the model on `plan.inputs` (one batch) and hands
 probabilities back, so the service can batch the model call and evaluation can run Keras.
 
 This is part of the contract between evaluation and serving (the service's /read and /predict
-and the evaluate stage import it), but not of training: the model only ever sees single marks,
-so the splitting can be tuned without retraining.
+and the evaluate stage import it), but not of training, which sees single marks only: the
+splitting can be changed without retraining. How well it splits still rests on the model, whose
+answer on a whole mark competes with every split of it (a model that reads two touching digits
+as one sure digit keeps them whole).
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ from pipelines.preprocessing import (
 )
 
 SAME_MARK_OVERLAP = 0.4  # strokes sharing this share of the narrower one's columns: one mark
-SPLIT_ASPECT = 1.1  # a mark at least this wide for its height may hold touching digits
+SPLIT_ASPECT = 1.1  # a mark at least this wide for its height may hold touching digits (at
+# 0.6, more touching pairs were split, but the unit tests' model read a scribble as digits)
 MAX_DIGIT_ASPECT = 1.3  # no piece of a split is wider than this for the mark's height
 MIN_PIECE_ASPECT = 0.12  # nor narrower than this (a 1 is narrow, but not a sliver)
 MAX_CUTS = 6  # candidate cut columns tried per wide mark
