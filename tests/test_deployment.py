@@ -26,6 +26,7 @@ import sqlalchemy
 from mlflow.tracking import MlflowClient
 
 from pipelines.preprocessing import bytes_to_input
+from pipelines.segmentation import digit_probabilities
 from service.runtime import SERVING_MODEL_FILE, LiteRTModel
 from tests.conftest import data_url, free_port, render_canvas, running_server, serve
 from tests.helpers import (
@@ -164,7 +165,7 @@ def test_a_second_machine_serves_the_champion_from_a_dvc_remote_without_training
     champion_a = MlflowClient().get_model_version_by_alias("digits-cnn", "champion")
     tag_a = f"digits-cnn:v{champion_a.version}-{champion_a.run_id[:8]}"
     pngs, labels = drawn_digits(8)
-    expected = litert_probabilities(published.bentoml_home, tag_a, pngs)
+    expected = digit_probabilities(litert_probabilities(published.bentoml_home, tag_a, pngs))
 
     with serve(project.bentoml_home, tmp_path) as base_url:
         answers = [predict(base_url, png) for png in pngs]
