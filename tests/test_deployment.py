@@ -25,7 +25,7 @@ import pytest
 import sqlalchemy
 from mlflow.tracking import MlflowClient
 
-from pipelines.preprocessing import bytes_to_input
+from pipelines.preprocessing import CLASSES, bytes_to_input
 from pipelines.segmentation import digit_probabilities
 from service.runtime import SERVING_MODEL_FILE, LiteRTModel
 from tests.conftest import data_url, free_port, render_canvas, running_server, serve
@@ -276,7 +276,7 @@ def test_team_mode_runs_the_pipeline_through_mlflow_on_postgresql(
     run = client.get_run(champion.run_id)
     assert run.data.metrics["test_accuracy"] >= 0.97
     model = mlflow.keras.load_model("models:/digits-cnn@champion")
-    assert np.asarray(model(np.zeros((1, 28, 28, 1), dtype=np.float32))).shape == (1, 10)
+    assert np.asarray(model(np.zeros((1, 28, 28, 1), dtype=np.float32))).shape == (1, CLASSES)
 
     # The server kept all of it in PostgreSQL, not in a file of its own.
     engine = sqlalchemy.create_engine(postgres)
