@@ -17,6 +17,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from pipelines.download import MNIST_SHA256, file_md5, file_sha256
+from pipelines.preprocessing import CLASSES
 from tests.helpers import run_in
 
 pytestmark = pytest.mark.slow
@@ -68,7 +69,7 @@ def test_repro_runs_every_stage_and_tracks_the_run(fast_project):
 
     model = mlflow.keras.load_model(f"runs:/{run.info.run_id}/model")
     probabilities = np.asarray(model(np.zeros((2, 28, 28, 1), dtype=np.float32)))
-    assert probabilities.shape == (2, 10)
+    assert probabilities.shape == (2, CLASSES)  # the ten digits, then "not a digit"
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
 
 
