@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from pipelines.drawing import glyphs_in_slots
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_MNIST = REPO_ROOT.parent / "shared" / "mnist"
 BENTOML = REPO_ROOT / ".venv" / "bin" / "bentoml"
@@ -47,16 +49,7 @@ def render_number(glyphs: list[np.ndarray], size: tuple[int, int] = NUMBER_CANVA
     """28x28 MNIST digits written left to right on one line, each in an equal slot at 3/4 of
     the height (as tests/conftest.py's render_line), sent the way the page sends its pad: an
     RGBA PNG of black ink on opaque white (web/pad.js, exportImage)."""
-    width, height = size
-    slot = width // len(glyphs)
-    side = min(height * 3 // 4, slot)
-    ink = np.zeros((height, width), dtype=np.uint8)
-    for position, glyph in enumerate(glyphs):
-        scaled = Image.fromarray(np.asarray(glyph, dtype=np.uint8)).resize(
-            (side, side), Image.Resampling.BILINEAR
-        )
-        left, top = position * slot + (slot - side) // 2, (height - side) // 2
-        ink[top : top + side, left : left + side] = np.asarray(scaled)
+    ink = glyphs_in_slots(list(glyphs), size)
     paper = Image.fromarray(255 - ink)
     canvas = Image.merge("RGBA", [paper, paper, paper, Image.new("L", size, 255)])
     buffer = io.BytesIO()

@@ -77,6 +77,23 @@ def glyph(digit: np.ndarray, box: float, stroke: float) -> np.ndarray:
     return ink
 
 
+def glyphs_in_slots(glyphs: list[np.ndarray], size: tuple[int, int]) -> np.ndarray:
+    """28x28 glyphs (light ink on black) left to right on one line of `size` (width, height),
+    each scaled up smoothly in its own equal slot, at most 3/4 of the height, so that
+    neighbours never touch: a number with exact, known boxes. Returns the uint8 ink."""
+    width, height = size
+    slot = width // len(glyphs)
+    side = min(height * 3 // 4, slot)
+    ink = np.zeros((height, width), dtype=np.uint8)
+    for position, digit in enumerate(glyphs):
+        scaled = Image.fromarray(np.asarray(digit, dtype=np.uint8)).resize(
+            (side, side), Image.Resampling.BILINEAR
+        )
+        left, top = position * slot + (slot - side) // 2, (height - side) // 2
+        ink[top : top + side, left : left + side] = np.asarray(scaled)
+    return ink
+
+
 def canvas_image(ink: np.ndarray, background: str) -> Image.Image:
     """Ink (uint8, 255 = full ink) as the image the page sends: dark strokes on white, opaque
     strokes on a transparent canvas (RGBA), or light strokes on black."""

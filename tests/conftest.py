@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from pipelines.drawing import glyphs_in_slots
 from tests.helpers import REPO as REPO_ROOT
 from tests.helpers import SHARED_MNIST, SHARED_OMNIGLOT, FastProject, make_fast_project
 
@@ -335,16 +336,7 @@ def render_line(
     page sends a number: dark strokes on a transparent background (or on white), each glyph
     scaled up smoothly in its own equal slot, at most 3/4 of the canvas height, so that
     neighbours do not touch. Encoded as PNG."""
-    width, height = size
-    slot = width // len(glyphs)
-    side = min(height * 3 // 4, slot)
-    ink = np.zeros((height, width), dtype=np.uint8)
-    for position, glyph in enumerate(glyphs):
-        scaled = Image.fromarray(np.asarray(glyph, dtype=np.uint8)).resize(
-            (side, side), Image.Resampling.BILINEAR
-        )
-        left, top = position * slot + (slot - side) // 2, (height - side) // 2
-        ink[top : top + side, left : left + side] = np.asarray(scaled)
+    ink = glyphs_in_slots(list(glyphs), size)
     if transparent:
         canvas = Image.new("RGBA", size, (20, 20, 20, 0))
         canvas.putalpha(Image.fromarray(ink))
