@@ -33,6 +33,7 @@ from tests.helpers import SHARED_MNIST, SHARED_OMNIGLOT, FastProject, make_fast_
 
 BENTOML = REPO_ROOT / ".venv" / "bin" / "bentoml"
 CANVAS_SIDE = 280  # the drawing page's canvas, in pixels
+POSTGRES_BIN = Path("/usr/lib/postgresql/15/bin")
 SERVER_START_TIMEOUT = 90.0  # seconds; a cold start takes ~10 s, more while the cores are busy
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,8 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ["BENTOML_HOME"] = str(root / "bentoml")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(root / "prometheus")
     os.environ["BENTOML_DO_NOT_TRACK"] = "True"
+    os.environ["DIGITS_FEEDBACK_DIR"] = str(root / "feedback")  # never the project's feedback/
+    os.environ.pop("DIGITS_FEEDBACK_URL", None)  # nor a team's database
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -256,7 +259,12 @@ def serve(bentoml_home: Path, log_dir: Path, **env_overrides: str) -> Iterator[s
 
     `env_overrides` set environment variables for it, e.g. DIGITS_MAX_CONCURRENCY="4"."""
     port = free_port()
-    env = {**os.environ, "BENTOML_HOME": str(bentoml_home), **env_overrides}
+    env = {
+        **os.environ,
+        "BENTOML_HOME": str(bentoml_home),
+        "DIGITS_FEEDBACK_DIR": str(log_dir / "feedback"),  # its own corrections store
+        **env_overrides,
+    }
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # bentoml serve sets up its own
     command = [str(BENTOML), "serve", "service.service:Digits", "--host", "127.0.0.1"]
     with running_server(
@@ -297,6 +305,56 @@ def running_server(
         yield base_url
     finally:
         stop_process(process)
+
+
+# ---- A real PostgreSQL ----------------------------------------------------------------------
+
+
+def as_postgres_user(command: list[str]) -> list[str]:
+    """PostgreSQL refuses to run as root; CI runs as root, so drop to the `postgres` user."""
+    return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[str]:
+    """A throw-away PostgreSQL cluster on a free port of 127.0.0.1 holding an empty database
+    `digits`; yields its SQLAlchemy URL (team mode's MLflow store, the corrections store)."""
+    if not (POSTGRES_BIN / "initdb").is_file():
+        pytest.fail("PostgreSQL 15 is not installed: run scripts/setup --postgres")
+    folder = Path(tempfile.mkdtemp(prefix="digits-postgres-"))  # /tmp: reachable by `postgres`
+    if os.geteuid() == 0:
+        shutil.chown(folder, "postgres", "postgres")
+    data, port = folder / "data", free_port()
+    subprocess.run(
+        as_postgres_user([str(POSTGRES_BIN / "initdb"), "-D", str(data), "-A", "trust"])
+        + ["-U", "digits", "--no-sync"],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    options = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off"
+    pg_ctl = [str(POSTGRES_BIN / "pg_ctl"), "-D", str(data)]
+    subprocess.run(
+        as_postgres_user([*pg_ctl, "-o", options, "-l", str(folder / "server.log"), "-w"])
+        + ["start"],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    try:
+        subprocess.run(
+            [str(POSTGRES_BIN / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "digits"]
+            + ["digits"],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        yield f"postgresql+psycopg://digits@127.0.0.1:{port}/digits"
+    finally:
+        subprocess.run(
+            as_postgres_user([*pg_ctl, "-m", "fast", "-w", "stop"]), capture_output=True, timeout=60
+        )
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 # ---- Test images -----------------------------------------------------------------------------

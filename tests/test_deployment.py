@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,7 +39,6 @@ from tests.helpers import (
 pytestmark = pytest.mark.slow
 
 MAIN_JOB_TIMEOUT = 1200.0  # seconds for scripts/run to serve the fast preset from scratch
-POSTGRES_BIN = Path("/usr/lib/postgresql/15/bin")
 
 
 def commit_all(project: FastProject, message: str) -> None:
@@ -176,52 +173,6 @@ def test_a_second_machine_serves_the_champion_from_a_dvc_remote_without_training
 
 
 # ---- Team mode: PostgreSQL and a tracking server -----------------------------------------------
-
-
-def as_postgres_user(command: list[str]) -> list[str]:
-    """PostgreSQL refuses to run as root; CI runs as root, so drop to the `postgres` user."""
-    return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
-
-
-@pytest.fixture
-def postgres() -> Iterator[str]:
-    """A throw-away PostgreSQL cluster on a free port of 127.0.0.1; yields its SQLAlchemy URL."""
-    if not (POSTGRES_BIN / "initdb").is_file():
-        pytest.fail("PostgreSQL 15 is not installed: run scripts/setup --postgres")
-    folder = Path(tempfile.mkdtemp(prefix="digits-postgres-"))  # /tmp: reachable by `postgres`
-    if os.geteuid() == 0:
-        shutil.chown(folder, "postgres", "postgres")
-    data, port = folder / "data", free_port()
-    subprocess.run(
-        as_postgres_user([str(POSTGRES_BIN / "initdb"), "-D", str(data), "-A", "trust"])
-        + ["-U", "digits", "--no-sync"],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
-    options = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off"
-    pg_ctl = [str(POSTGRES_BIN / "pg_ctl"), "-D", str(data)]
-    subprocess.run(
-        as_postgres_user([*pg_ctl, "-o", options, "-l", str(folder / "server.log"), "-w"])
-        + ["start"],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
-    try:
-        subprocess.run(
-            [str(POSTGRES_BIN / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "digits"]
-            + ["mlflow"],
-            check=True,
-            capture_output=True,
-            timeout=60,
-        )
-        yield f"postgresql+psycopg://digits@127.0.0.1:{port}/mlflow"
-    finally:
-        subprocess.run(
-            as_postgres_user([*pg_ctl, "-m", "fast", "-w", "stop"]), capture_output=True, timeout=60
-        )
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture
