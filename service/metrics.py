@@ -18,6 +18,16 @@ if TYPE_CHECKING:
 
 # Refusals about what was drawn, listed (at 0) from the start so that dashboards find them.
 DRAWING_REFUSALS = ("no_digit", "not_a_digit", "several_digits")
+# What became of each POST /feedback that reached the service (listed at 0 from the start).
+FEEDBACK_OUTCOMES = (
+    "stored",
+    "invalid_label",
+    "no_digit",
+    "too_many_corrections",
+    "feedback_full",
+    "storage_full",
+    "storage_unavailable",
+)
 CONFIDENCE_BUCKETS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 1.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -28,6 +38,7 @@ class Metrics:
     confidence: Histogram  # the predicted digit's probability
     rejected: Counter  # labels: reason
     model_batch_size: Histogram  # images per model call
+    feedback: Counter  # labels: outcome (FEEDBACK_OUTCOMES, or another refusal's reason)
 
 
 @functools.cache
@@ -49,9 +60,14 @@ def metrics() -> Metrics:
         model_batch_size=prometheus_client.Histogram(
             "digits_model_batch_size", "Images per model call", buckets=BATCH_BUCKETS
         ),
+        feedback=prometheus_client.Counter(
+            "digits_feedback", "Corrections sent to /feedback, by outcome", ["outcome"]
+        ),
     )
     for reason in DRAWING_REFUSALS:
         created.rejected.labels(reason=reason)
+    for outcome in FEEDBACK_OUTCOMES:
+        created.feedback.labels(outcome=outcome)
     return created
 
 
@@ -62,6 +78,10 @@ def count_prediction(digit: int, confidence: float) -> None:
 
 def count_rejection(reason: str) -> None:
     metrics().rejected.labels(reason=reason).inc()
+
+
+def count_feedback(outcome: str) -> None:
+    metrics().feedback.labels(outcome=outcome).inc()
 
 
 def observe_model_batch(size: int) -> None:

@@ -7,12 +7,13 @@
     curl -s localhost:3000/read ... (the same body, a number written on one line)
     {"text": "2026", "confidence": 0.97, "digits": [...], "model_version": ...}
 
-Routes: POST /predict, POST /predict_batch, POST /read, GET /info, the page (web/) at /, and
-BentoML's /livez, /readyz and /metrics. Every refusal is JSON `{"error", "reason"}` (see
-errors.py and guard.py); the limits are in settings.py. The model is the newest `digits-cnn` in
-the BentoML store, run on LiteRT (runtime.py, no TensorFlow in the server) through a
-micro-batcher (batcher.py). A request's walk: decode and plan (images.py, the contract in
-pipelines/preprocessing.py), one model call for all the plan's inputs, the answer (answers.py).
+Routes: POST /predict, POST /predict_batch, POST /read, POST /feedback (a correction, stored for
+review: feedback.py), GET /info, the page (web/) at /, and BentoML's /livez, /readyz and /metrics.
+Every refusal is JSON `{"error", "reason"}` (see errors.py and guard.py); the limits are in
+settings.py. The model is the newest `digits-cnn` in the BentoML store, run on LiteRT
+(runtime.py, no TensorFlow in the server) through a micro-batcher (batcher.py). A request's
+walk: decode and plan (images.py, the contract in pipelines/preprocessing.py), one model call
+for all the plan's inputs, the answer (answers.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import logging
 import os
 import stat
 from concurrent.futures import ThreadPoolExecutor
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,7 @@ from starlette.routing import Match, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import Scope
 
+from pipelines.corrections import CorrectionStore, LimitReached, StoreError
 from pipelines.preprocessing import CLASSES, PREPROCESSING_VERSION, ImageError
 from pipelines.segmentation import Mark, SingleDigitPlan, plan_reading, plan_single
 from service import metrics
@@ -48,8 +51,20 @@ from service.answers import (
 )
 from service.batcher import MicroBatcher
 from service.errors import RequestError, error_body, error_response
+from service.feedback import (
+    PENDING,
+    FeedbackAnswer,
+    FeedbackInbox,
+    as_png,
+    checked_answer,
+    checked_label,
+    client_address,
+    disabled,
+    label_probability,
+    model_answer,
+)
 from service.guard import RequestGuard
-from service.images import Plan, Planner, plan_image
+from service.images import Plan, Planner, image_bytes, plan_image
 from service.runtime import SERVING_MODEL_FILE, load_model
 from service.settings import Settings
 
@@ -84,6 +99,23 @@ class PredictBatchRequest(BaseModel):
         max_length=SETTINGS.max_batch_images,
         description="Images, each like `image` of /predict",
         examples=[[EXAMPLE_IMAGE]],
+    )
+
+
+class FeedbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    image: str = Field(
+        description="The drawing, as sent to /predict or /read", examples=[EXAMPLE_IMAGE]
+    )
+    label: str = Field(
+        description="What the drawing really is: its digits ('7', '2026') or 'not_a_digit'",
+        examples=["3"],
+    )
+    answer: dict[str, Any] | None = Field(
+        default=None,
+        description="Optional: what the model answered, as the page showed it (digit or text, "
+        "confidence, model_version); kept for review, never trusted",
+        examples=[{"digit": 8, "confidence": 0.61, "model_version": "digits-cnn:abc"}],
     )
 
 
@@ -165,6 +197,7 @@ class Digits:
             "test_accuracy": metadata.get("test_accuracy"),
             "trained_at": metadata.get("trained_at"),
             "preprocessing_version": metadata.get("preprocessing_version"),
+            "corrections_version": metadata.get("corrections_version"),
         }
         self.infer = load_model(
             stored.path_of(SERVING_MODEL_FILE), SETTINGS.model_threads, SETTINGS.warmup_batch_sizes
@@ -183,6 +216,12 @@ class Digits:
         )
         self.decoders = ThreadPoolExecutor(
             SETTINGS.preprocess_threads, thread_name_prefix="digits-decode"
+        )
+        self.inbox = FeedbackInbox(
+            CorrectionStore.from_env(),  # opened on first use: a bad disk never stops serving
+            max_pending=SETTINGS.max_pending_corrections,
+            per_client_per_hour=SETTINGS.feedback_per_client_per_hour,
+            on_error=_log_store_error,
         )
         metrics.metrics()  # now, so that /metrics lists every refusal reason from the start
         log.info("serving %s", self.model_version)
@@ -244,6 +283,46 @@ class Digits:
             metrics.count_prediction(mark.digit, mark.confidence)
         return reading(marks, self.model_version)
 
+    @bentoml.api(input_spec=FeedbackRequest)
+    async def feedback(
+        self, image: str, label: str, answer: dict[str, Any] | None, ctx: bentoml.Context
+    ) -> FeedbackAnswer:
+        """Store a correction, what the drawing really is, for review: 201 with its id.
+        Refused with 422 (`invalid_label`; a blank image: `no_digit`), 429
+        (`too_many_corrections` from one client within an hour), 503 (`feedback_full`: too many
+        wait for review; `storage_unavailable`) or 507 (`storage_full`)."""
+        try:
+            stored = await self.correction(image, label, answer, client_address(ctx.request))
+        except (RequestError, ImageError) as error:
+            metrics.count_feedback(error.reason)
+            response = error_response(error)
+        else:
+            metrics.count_feedback("stored")
+            response = JSONResponse(stored.model_dump(), status_code=HTTPStatus.CREATED)
+        ctx.response.status_code = response.status_code  # BentoML sets it on what is returned
+        return response
+
+    async def correction(
+        self, image: str, label: str, answer: dict[str, Any] | None, client: str
+    ) -> FeedbackAnswer:
+        """Check, read with the model (as /read does), store; the stored correction."""
+        if not SETTINGS.feedback_enabled:
+            raise disabled()
+        label = checked_label(label)
+        client_answer = checked_answer(answer, SETTINGS.max_feedback_answer_chars)
+        plan = await self.plan(image, plan_reading)
+        marks = plan.marks(await self.batcher.predict(plan.inputs))
+        correction_id = await self.inbox.add(
+            client,
+            image_png=as_png(image_bytes(image), SETTINGS.max_image_pixels),
+            label=label,
+            model_version=self.model_version,
+            model_answer=model_answer(marks),
+            label_probability=label_probability(marks, label),
+            client_answer=client_answer,
+        )
+        return FeedbackAnswer(id=correction_id, status=PENDING)
+
     async def plan(self, image: str, planner: Planner[Plan], inline: bool = True) -> Plan:
         """Decode one image and plan its reading (the model inputs it needs).
 
@@ -274,6 +353,13 @@ class Digits:
     async def close(self) -> None:
         await self.batcher.close()
         self.decoders.shutdown(wait=False)
+        self.inbox.close()
+
+
+def _log_store_error(error: StoreError) -> None:
+    """A disk or database problem is the operator's to fix: say so in the log (a limit is not)."""
+    if not isinstance(error, LimitReached):
+        log.warning("a correction was not stored: %s", error)
 
 
 Digits.add_asgi_middleware(

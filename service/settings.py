@@ -39,6 +39,13 @@ class Settings:
     batch_wait_ms: float = 0.0  # extra wait for company before a call; 0 = never wait
     model_threads: int = 1  # cores the model uses; 1 leaves a core for HTTP and decoding
     warmup_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    # Corrections (POST /feedback). Where they are stored is DIGITS_FEEDBACK_DIR or
+    # DIGITS_FEEDBACK_URL (pipelines/corrections.py). A person correcting drawings by hand
+    # sends a few a minute; 60 an hour per client stops a script, not a person.
+    feedback_enabled: bool = True
+    feedback_per_client_per_hour: int = 60  # more from one client address within an hour: 429
+    max_pending_corrections: int = 10_000  # once this many wait for review, refuse more: 503
+    max_feedback_answer_chars: int = 2048  # the client's `answer`, as JSON
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -70,7 +77,9 @@ class Settings:
                 continue
             kind = type(field.default)
             try:
-                if kind is tuple:
+                if kind is bool:
+                    overrides[field.name] = _boolean(raw)
+                elif kind is tuple:
                     overrides[field.name] = tuple(int(part) for part in raw.split(","))
                 else:
                     overrides[field.name] = kind(raw)
@@ -79,3 +88,13 @@ class Settings:
                     f"{ENV_PREFIX}{field.name.upper()}={raw!r} is not a valid {kind.__name__}"
                 ) from error
         return cls(**overrides)
+
+
+def _boolean(raw: str) -> bool:
+    """1/true/yes/on or 0/false/no/off, in any case."""
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(raw)
