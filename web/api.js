@@ -1,4 +1,5 @@
-// Talking to the service: POST /read for the drawing, GET /info for the footer.
+// Talking to the service: POST /read for the drawing, POST /feedback for a correction or a
+// confirmation of its answer, GET /info for the footer.
 
 const REQUEST_TIMEOUT_MS = 10000;
 
@@ -11,8 +12,8 @@ export class ServiceError extends Error {
 }
 
 // Reads the drawing (a PNG data URL). Resolves to one of
-//   { kind: "number", text, confidence, digits }   the service read a digit or a number;
-//   { kind: "not-a-digit", marks }                 some marks are not digits (each has is_digit);
+//   { kind: "number", text, confidence, digits, modelVersion }   the service read a digit or a number;
+//   { kind: "not-a-digit", marks, modelVersion }   some marks are not digits (each has is_digit);
 //   { kind: "no-digit" }                           the drawing holds nothing to read yet;
 // and rejects with a ServiceError when the service fails or refuses, or with an AbortError.
 export async function readDrawing(image, signal) {
@@ -33,14 +34,22 @@ export async function readDrawing(image, signal) {
   }
   const body = await response.json().catch(() => null);
   if (response.ok && isReading(body)) {
-    return { kind: "number", text: body.text, confidence: body.confidence, digits: body.digits };
+    return {
+      kind: "number",
+      text: body.text,
+      confidence: body.confidence,
+      digits: body.digits,
+      modelVersion: versionOf(body),
+    };
   }
   if (response.status === 422 && body?.reason === "no_digit") return { kind: "no-digit" };
   if (response.status === 422 && body?.reason === "not_a_digit" && areMarks(body.marks)) {
-    return { kind: "not-a-digit", marks: body.marks };
+    return { kind: "not-a-digit", marks: body.marks, modelVersion: versionOf(body) };
   }
   throw errorFromResponse(response, body);
 }
+
+const versionOf = (body) => (typeof body.model_version === "string" ? body.model_version : null);
 
 const isEntry = (entry) => Array.isArray(entry?.probabilities)
   && entry.probabilities.length === 10
@@ -69,6 +78,36 @@ function errorFromResponse(response, body) {
   if (status === 429 || status === 503) return error(`The digit service is busy (${detail}).`, true);
   if (status >= 500 || status === 408) return error(`The digit service failed: ${detail}.`, true);
   return error(`The digit service refused the drawing: ${detail}.`, false);
+}
+
+// Sends what the drawing really is, to be reviewed and perhaps trained on: `image` is the data
+// URL sent to /read, `label` the right digits ("7", "2026") or "not_a_digit" (a confirmation
+// sends the model's own answer), `answer` what the model answered ({ text, confidence,
+// model_version }) or null. Resolves to { id } once stored; rejects with a ServiceError whose
+// message says why not (the service's own sentence: too many corrections, storage full...).
+export async function sendFeedback({ image, label, answer }) {
+  const body = answer ? { image, label, answer } : { image, label };
+  let response;
+  try {
+    response = await fetch("feedback", {
+      method: "POST",
+      headers: { "Content-Type": "application/json", Accept: "application/json" },
+      body: JSON.stringify(body),
+      signal: AbortSignal.timeout(REQUEST_TIMEOUT_MS),
+    });
+  } catch (error) {
+    const message = error.name === "TimeoutError"
+      ? "the digit service is taking too long to answer"
+      : "can't reach the digit service";
+    throw new ServiceError(message, { transient: true });
+  }
+  const reply = await response.json().catch(() => null);
+  if (response.status === 201 && typeof reply?.id === "string") return { id: reply.id };
+  const { status } = response;
+  let message = typeof reply?.error === "string" ? reply.error.replace(/\.$/, "") : `HTTP ${status}`;
+  if (response.ok) message = "the digit service sent an answer this page does not understand";
+  else if (status === 404 || status === 405) message = "this service does not take corrections";
+  throw new ServiceError(message, { transient: status === 429 || status >= 500 });
 }
 
 // A sentence about the model serving the page, or null when /info does not answer.

@@ -1,9 +1,11 @@
 // The drawing page: write a digit or a number on the pad and see what the model reads, while
-// drawing. This module wires the parts together: the pad (pad.js), the service (api.js) and
-// the answer (answer.js); it decides when to ask the service, and which answers to show.
+// drawing, then confirm or correct it. This module wires the parts together: the pad (pad.js),
+// the service (api.js), the answer (answer.js) and the feedback on it (feedback.js); it decides
+// when to ask the service, which answers to show, and which one to offer for feedback.
 
 import { AnswerView } from "./answer.js";
 import { describeModel, readDrawing, ServiceError } from "./api.js";
+import { FeedbackView, NOT_A_DIGIT } from "./feedback.js";
 import { DrawingPad } from "./pad.js";
 
 const READ_INTERVAL_MS = 130; // at most one request this often while drawing
@@ -24,6 +26,7 @@ const answer = new AnswerView({
   barsCaption: byId("bars-caption"),
   bars: byId("probabilities"),
 }, pad);
+const feedback = new FeedbackView(byId("feedback"));
 
 // Every change to the drawing gets a new version; an answer is shown only if it is about a
 // newer drawing than the one on screen, so a slow answer never overwrites a fresher one.
@@ -36,6 +39,7 @@ let retryTimer = null;
 
 function drawingChanged({ settled }) {
   drawingVersion += 1;
+  feedback.reset(); // feedback is about one drawing: drawing again starts over
   for (const button of [undoButton, clearButton]) {
     button.setAttribute("aria-disabled", String(pad.strokeCount === 0));
   }
@@ -80,6 +84,11 @@ async function sendDrawing() {
       shownVersion = version;
       stopRetrying();
       show(reply, { width, height });
+      // Feedback is offered on the answer about the drawing as it is once the stroke ends,
+      // never on an answer about part of it.
+      if (version === drawingVersion && !pad.drawing && reply.kind !== "no-digit") {
+        feedback.offer(image, answerOf(reply));
+      }
       markBusy();
     }
   } catch (error) {
@@ -100,6 +109,17 @@ function show(reply, size) {
   if (reply.kind === "number") answer.reading(reply, size);
   else if (reply.kind === "not-a-digit") answer.notADigit(reply.marks, size);
   else answer.noDigit();
+}
+
+// What the model answered, as POST /feedback records it.
+function answerOf(reply) {
+  const answer = reply.kind === "number"
+    ? { text: reply.text, confidence: reply.confidence }
+    : { text: NOT_A_DIGIT };
+  const strays = reply.kind === "number" ? [] : reply.marks.filter((mark) => !mark.is_digit);
+  if (strays.length === 1) answer.confidence = strays[0].confidence; // how sure it is none
+  if (reply.modelVersion) answer.model_version = reply.modelVersion;
+  return answer;
 }
 
 function showError(error) {
@@ -135,6 +155,8 @@ function showInvitation() {
 
 function onKeydown(event) {
   if (event.altKey || event.defaultPrevented) return;
+  if (event.target.closest?.("input, textarea, select, [contenteditable]")) return; // typing
+  if (feedback.handleKey(event)) return;
   const key = event.key.toLowerCase();
   const plain = !event.ctrlKey && !event.metaKey && !event.shiftKey;
   if (key === "z" && !event.shiftKey) {

@@ -45,6 +45,11 @@ export class DrawingPad {
     return this.strokes.length;
   }
 
+  // True while a pointer is drawing a stroke.
+  get drawing() {
+    return this.activeStroke !== null;
+  }
+
   // ---- Strokes -----------------------------------------------------------------------------
 
   pointFrom(event, rect) {
