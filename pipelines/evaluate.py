@@ -472,11 +472,27 @@ def evaluate_numbers(
 # ---- The stage ---------------------------------------------------------------------------------
 
 
+def users_scores(classify: Classifier, corrections: Path | None) -> dict[str, float]:
+    """How the model reads the users' reviewed drawings held out for testing (the feedback
+    stage's test split): the share answered with the label, a digit or "not a digit", beside
+    MNIST's figures. Without any, `users_test_images` is 0 and there is no accuracy."""
+    users = load_prepared(corrections) if corrections is not None else {"y_test": []}
+    count = len(users["y_test"])
+    if count == 0:
+        return {"users_test_images": 0}
+    answers = classify(users["x_test"].astype(np.float32) / 255.0).argmax(axis=1)
+    return {
+        "users_test_images": count,
+        "users_test_accuracy": round(float((answers == users["y_test"]).mean()), 4),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--data", type=Path, default=Path("data/prepared/mnist.npz"))
     parser.add_argument("--not-digits", type=Path, default=Path("data/prepared/not_digits.npz"))
+    parser.add_argument("--corrections", type=Path, help="users' accepted corrections (npz)")
     parser.add_argument("--model", type=Path, default=Path("models/model.keras"))
     parser.add_argument("--train-metrics", type=Path, default=Path("reports/train.json"))
     parser.add_argument("--metrics", type=Path, default=Path("reports/metrics.json"))
@@ -527,6 +543,7 @@ def main() -> None:
         "canvas_accuracy": canvas["mean"],
         "canvas_refused": canvas_refused["mean"],
         "number_accuracy": numbers["accuracy"],
+        **users_scores(classify, args.corrections),
         "val_accuracy": round(trained["val_accuracy"], 4),
         "canvas": canvas,
         "canvas_refusals": canvas_refused,
@@ -555,7 +572,9 @@ def main() -> None:
     )
     examples.save(args.numbers_examples)
 
-    run = tracking.ensure_model_run(args.model, args.data, params, tracking.train_scores(trained))
+    run = tracking.ensure_model_run(
+        args.model, args.data, params, tracking.train_scores(trained), args.corrections
+    )
     with tracking.start_run(run_id=run.info.run_id):
         mlflow.log_metrics(tracking.evaluation_scores(metrics))
         for path in reports:

@@ -6,13 +6,17 @@ Run with `python -m pipelines.package` (the last stage of `dvc repro`). It
    the model from git and DVC (a fresh clone, `dvc pull`) rather than by training, the run is
    recorded from the model file and its reports (see `tracking.ensure_model_run`);
 2. picks the best finished run of experiment `digits` by validation accuracy (never by test
-   accuracy), among runs trained on the current data and the current preprocessing contract,
-   so an old incompatible run can never win;
+   accuracy), among runs trained on the current data (MNIST and the users' accepted
+   corrections) and the current preprocessing contract, so an old incompatible run, or one that
+   never saw the corrections, can never win;
 3. registers that run's model as a version of `digits-cnn` unless it is registered already;
 4. moves the alias `champion` to it only through a quality gate: test accuracy at least
    `package.min_test_accuracy`, and no worse than the current champion beyond
-   `package.tolerance`. Each version is judged once (the verdict is its `gate` tag), so a
-   rollback holds until a new model is trained;
+   `package.tolerance`; once there are at least `package.min_user_drawings` of the users'
+   reviewed drawings held out for testing (the feedback stage), also no worse than the champion
+   on them beyond `package.user_tolerance`, both models judged on the same drawings. Each
+   version is judged once (the verdict is its `gate` tag), so a rollback holds until a new
+   model is trained;
 5. imports the champion into the local BentoML store as `digits-cnn:v<version>-<run>`, which
    `bentoml serve` then loads as `digits-cnn:latest`: the Keras file plus its LiteRT conversion
    (`model.tflite`, what the service runs), checked to give the same probabilities.
@@ -70,10 +74,13 @@ class PackageError(Exception):
 class PackageSettings:
     min_test_accuracy: float
     tolerance: float
+    min_user_drawings: int  # users' test drawings needed before the gate compares on them
+    user_tolerance: float
 
 
-def find_best_run(client: MlflowClient, data_hash: str) -> Run:
-    """The finished, evaluated run with the best validation accuracy on this data and contract."""
+def find_best_run(client: MlflowClient, data_hash: str, corrections: str) -> Run:
+    """The finished, evaluated run with the best validation accuracy on this data (MNIST's hash,
+    the corrections' hash) and contract."""
     experiment = client.get_experiment_by_name(tracking.EXPERIMENT)
     if experiment is None:
         raise PackageError(f"no MLflow experiment '{tracking.EXPERIMENT}': run the train stage")
@@ -81,6 +88,7 @@ def find_best_run(client: MlflowClient, data_hash: str) -> Run:
         [experiment.experiment_id],
         filter_string=(
             f"tags.data_hash = '{data_hash}' "
+            f"and tags.{tracking.CORRECTIONS_TAG} = '{corrections}' "
             f"and tags.preprocessing_version = '{PREPROCESSING_VERSION}' "
             "and attributes.status = 'FINISHED' and metrics.test_accuracy >= 0"
         ),
@@ -89,7 +97,8 @@ def find_best_run(client: MlflowClient, data_hash: str) -> Run:
     )
     if not runs:
         raise PackageError(
-            f"no evaluated run for data {data_hash} and preprocessing {PREPROCESSING_VERSION}"
+            f"no evaluated run for data {data_hash}, corrections {corrections} and "
+            f"preprocessing {PREPROCESSING_VERSION}"
         )
     return runs[0]
 
@@ -127,6 +136,47 @@ def gate(candidate: Run, champion: Run | None, settings: PackageSettings) -> str
                 f"beyond the tolerance {settings.tolerance}"
             )
     return None
+
+
+def users_gate(
+    candidate: ModelVersion,
+    champion: ModelVersion | None,
+    users: dict[str, np.ndarray],
+    settings: PackageSettings,
+) -> str | None:
+    """Why the candidate may not replace the champion on the users' own drawings, or None.
+
+    Only judged with enough test drawings to tell; both models are scored on the same ones,
+    whatever corrections the champion was trained with.
+    """
+    count = len(users["y_test"])
+    if champion is None or count < settings.min_user_drawings:
+        return None
+    new, old = (users_accuracy(version, users) for version in (candidate, champion))
+    log.info("users' %d test images: candidate %.4f, champion %.4f", count, new, old)
+    if new < old - settings.user_tolerance:
+        return (
+            f"accuracy on {count} users' test images {new:.4f} is worse than the champion's "
+            f"{old:.4f} beyond the tolerance {settings.user_tolerance}"
+        )
+    return None
+
+
+def users_accuracy(version: ModelVersion, users: dict[str, np.ndarray]) -> float:
+    """The share of the users' test images a registry version answers with their label."""
+    import keras
+
+    with tempfile.TemporaryDirectory() as folder:
+        model = keras.saving.load_model(download_model_file(version, Path(folder)), compile=False)
+        outputs = model(as_batch(users["x_test"] / 255.0), training=False)
+    return float((np.asarray(outputs).argmax(axis=1) == users["y_test"]).mean())
+
+
+def load_users(corrections: Path | None) -> dict[str, np.ndarray]:
+    """The feedback stage's dataset, or an empty one."""
+    if corrections is not None:
+        return load_prepared(corrections)
+    return {"x_test": np.zeros((0, *INPUT_SHAPE[:2]), np.uint8), "y_test": np.zeros(0, np.int64)}
 
 
 def is_compatible(run: Run, data_hash: str) -> bool:
@@ -199,6 +249,7 @@ def import_to_bentoml(version: ModelVersion, run: Run, probe_images: np.ndarray)
         "test_accuracy": metrics.get("test_accuracy"),
         "canvas_accuracy": metrics.get("canvas_accuracy"),
         "data_hash": tags.get("data_hash"),
+        "corrections_version": tags.get(tracking.CORRECTIONS_TAG),
         "git_commit": tags.get("git_commit"),
         "preprocessing_version": tags.get("preprocessing_version"),
         "trained_at": datetime.fromtimestamp(run.info.start_time / 1000, UTC).isoformat(),
@@ -225,9 +276,11 @@ def import_to_bentoml(version: ModelVersion, run: Run, probe_images: np.ndarray)
     return tag
 
 
-def promote_best(client: MlflowClient, data_hash: str, settings: PackageSettings) -> str:
+def promote_best(
+    client: MlflowClient, data_hash: str, users: Path | None, settings: PackageSettings
+) -> str:
     """Steps 2-4 of the module docstring; returns what happened, for the log."""
-    candidate = find_best_run(client, data_hash)
+    candidate = find_best_run(client, data_hash, tracking.corrections_hash(users))
     version = register(client, candidate)
     champion = current_champion(client)
     if champion is not None and champion.version == version.version:
@@ -238,7 +291,9 @@ def promote_best(client: MlflowClient, data_hash: str, settings: PackageSettings
             f"champion stays at version {champion.version}"
         )
     champion_run = client.get_run(champion.run_id) if champion else None
-    refusal = gate(candidate, champion_run, settings)
+    refusal = gate(candidate, champion_run, settings) or users_gate(
+        version, champion, load_users(users), settings
+    )
     client.set_model_version_tag(
         tracking.REGISTERED_MODEL, version.version, GATE_TAG, refusal or "passed"
     )
@@ -276,7 +331,7 @@ def record_pipeline_model(args: argparse.Namespace, params: dict) -> None:
         **tracking.train_scores(json.loads(args.train_metrics.read_text())),
         **tracking.evaluation_scores(json.loads(args.metrics.read_text())),
     }
-    run = tracking.ensure_model_run(args.model, args.data, params, scores)
+    run = tracking.ensure_model_run(args.model, args.data, params, scores, args.corrections)
     log.info("the pipeline's model is run %s (%s)", run.info.run_id, run.info.run_name)
 
 
@@ -284,6 +339,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--data", type=Path, default=Path("data/prepared/mnist.npz"))
+    parser.add_argument("--corrections", type=Path, help="users' accepted corrections (npz)")
     parser.add_argument("--model", type=Path, default=Path("models/model.keras"))
     parser.add_argument("--train-metrics", type=Path, default=Path("reports/train.json"))
     parser.add_argument("--metrics", type=Path, default=Path("reports/metrics.json"))
@@ -299,7 +355,7 @@ def main() -> None:
     try:
         if args.version is None:
             record_pipeline_model(args, params)
-            decision = promote_best(client, data_hash, settings)
+            decision = promote_best(client, data_hash, args.corrections, settings)
         else:
             decision = roll_back(client, args.version, data_hash)
         log.info(decision)

@@ -240,7 +240,7 @@ def plan_reading(
     inputs: list[np.ndarray] = []
     spans = []
     for number, (mask, box) in enumerate(groups):
-        piece = np.where(mask, ink, 0.0)[box.y : box.y + box.height, box.x : box.x + box.width]
+        piece = _piece(ink, mask, box)
         room = MAX_INPUTS - len(inputs) - (len(groups) - number)  # inputs left for pieces
         cuts = [0, box.width]
         if _may_hold_several(box) and room >= (MAX_CUTS + 2) * (MAX_CUTS + 1) // 2:
@@ -286,13 +286,19 @@ def plan_single(
     boxes = [whole_box.scaled(scale, size)]
     if len(groups) > 1:
         for mask, box in groups:
-            inputs.append(
-                ink_to_input(
-                    np.where(mask, ink, 0.0)[box.y : box.y + box.height, box.x : box.x + box.width]
-                )
-            )
+            inputs.append(ink_to_input(_piece(ink, mask, box)))
             boxes.append(box.scaled(scale, size))
     return SingleDigitPlan(np.stack(inputs), boxes)
+
+
+def mark_inputs(ink: np.ndarray) -> list[np.ndarray]:
+    """Each mark's 28x28 input, left to right, without splitting touching marks: how a
+    labelled number becomes one training example per digit when its digits stand apart."""
+    ink = _normalised(ink)
+    groups = _mark_masks(ink)
+    if len(groups) == 1:
+        return [ink_to_input(ink)]
+    return [ink_to_input(_piece(ink, mask, box)) for mask, box in groups]
 
 
 Classifier = Callable[[np.ndarray], np.ndarray]
@@ -367,6 +373,11 @@ def _mark_masks(ink: np.ndarray) -> list[tuple[np.ndarray, Box]]:
     )
     claimed = owner[labels[nearest[0], nearest[1]]]  # each pixel goes to the nearest stroke
     return [(claimed == number, box) for number, box in enumerate(boxes, start=1)]
+
+
+def _piece(ink: np.ndarray, mask: np.ndarray, box: Box) -> np.ndarray:
+    """One mark's ink alone, cut to its box."""
+    return np.where(mask, ink, 0.0)[box.y : box.y + box.height, box.x : box.x + box.width]
 
 
 def _stroke_box(strokes: np.ndarray) -> Box:

@@ -33,6 +33,7 @@ REGISTERED_MODEL = "digits-cnn"
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 MODEL_ARTIFACT = "model"
 KERAS_FILE_IN_ARTIFACT = "data/model.keras"  # where the mlflow.keras flavor keeps the file
+CORRECTIONS_TAG = "corrections_hash"  # which users' corrections (feedback stage) a model saw
 MODEL_MD5_TAG = "model_md5"  # ties a run to the exact model file that DVC versions
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip entry can carry
 
@@ -126,11 +127,19 @@ def git_commit() -> str:
     return f"{commit}-dirty" if dirty else commit
 
 
-def lineage_tags(data_hash: str) -> dict[str, str]:
-    """Tags that say which data and which input contract a run was trained on."""
+def corrections_hash(path: Path | None) -> str:
+    """The version of the users' corrections a model learnt from: the MD5 of the dataset the
+    feedback stage wrote, or "none" when training saw none."""
+    return file_md5(path) if path is not None else "none"
+
+
+def lineage_tags(data_hash: str, corrections: str = "none") -> dict[str, str]:
+    """Tags that say which data (MNIST's hash, the corrections' hash) and which input contract
+    a run was trained on."""
     return {
         "git_commit": git_commit(),
         "data_hash": data_hash,
+        CORRECTIONS_TAG: corrections,
         "preprocessing_version": PREPROCESSING_VERSION,
         "input_shape": "x".join(map(str, INPUT_SHAPE)),
     }
@@ -166,7 +175,11 @@ def find_model_run(model_path: Path) -> Run | None:
 
 
 def ensure_model_run(
-    model_path: Path, data_path: Path, params: dict[str, Any], metrics: dict[str, float]
+    model_path: Path,
+    data_path: Path,
+    params: dict[str, Any],
+    metrics: dict[str, float],
+    corrections_path: Path | None = None,
 ) -> Run:
     """The MLflow run of this model, holding at least `metrics`; recorded anew when missing.
 
@@ -183,7 +196,7 @@ def ensure_model_run(
         with start_run(run_name="imported") as started:
             mlflow.set_tags(
                 {
-                    **lineage_tags(file_md5(data_path)),
+                    **lineage_tags(file_md5(data_path), corrections_hash(corrections_path)),
                     MODEL_MD5_TAG: file_md5(model_path),
                     "source": "model file versioned by DVC",
                 }

@@ -79,6 +79,7 @@ class TrainSettings:
     max_train_images: int  # 0 means all
     members: int  # independently seeded networks whose probabilities are averaged
     not_digit_share: float  # share of each epoch's images that are not digits
+    corrections_weight: int  # times each accepted user drawing is seen per epoch
     scribbles: int  # synthetic scribbles added to the non-digit drawings
     max_digit_refusal: float  # share of validation digits the "not a digit" threshold may refuse
 
@@ -275,10 +276,33 @@ def scribbles(count: int, seed: int) -> np.ndarray:
     return images
 
 
-def load_data(mnist: Path, not_digits: Path, settings: TrainSettings) -> dict[str, np.ndarray]:
+def load_data(
+    mnist: Path, not_digits: Path, corrections: Path | None, settings: TrainSettings
+) -> dict[str, np.ndarray]:
     """Training and validation images as float inputs in [0, 1] with labels, non-digits
-    labelled NOT_A_DIGIT: MNIST's splits, the non-digit drawings' (by alphabet), and scribbles
-    repeated to make `not_digit_share` of the training images."""
+    labelled NOT_A_DIGIT: MNIST's splits, the non-digit drawings' (by alphabet), scribbles
+    repeated to make `not_digit_share` of the training images, and users' accepted
+    corrections (train split repeated `corrections_weight` times; validation split as is)."""
+    (x_train, y_train), (x_val, y_val) = _load_without_corrections(mnist, not_digits, settings)
+    if corrections is not None:
+        users = load_prepared(corrections)
+        repeats = settings.corrections_weight
+        x_train = np.concatenate([x_train, *[users["x_train"] / np.float32(255.0)] * repeats])
+        y_train = np.concatenate([y_train, *[users["y_train"]] * repeats])
+        x_val = np.concatenate([x_val, users["x_val"] / np.float32(255.0)])
+        y_val = np.concatenate([y_val, users["y_val"]])
+    return {
+        "x_train": x_train.astype(np.float32),
+        "y_train": y_train.astype(np.int64),
+        "x_val": as_batch(x_val),
+        "y_val": y_val.astype(np.int64),
+    }
+
+
+def _load_without_corrections(
+    mnist: Path, not_digits: Path, settings: TrainSettings
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """((x_train, y_train), (x_val, y_val)) of MNIST and the non-digits."""
     digits = load_prepared(mnist)
     others = load_prepared(not_digits)
     count = min(settings.max_train_images or len(digits["x_train"]), len(digits["x_train"]))
@@ -292,18 +316,15 @@ def load_data(mnist: Path, not_digits: Path, settings: TrainSettings) -> dict[st
     wanted = settings.not_digit_share / (1.0 - settings.not_digit_share) * count
     pool = np.concatenate([pool] * max(1, round(wanted / len(pool))))
     x_val_others = others["images"][others["split"] == "validation"].astype(np.float32) / 255.0
-    return {
-        "x_train": np.concatenate([x_train, pool]),
-        "y_train": np.concatenate(
-            [digits["y_train"][:count], np.full(len(pool), NOT_A_DIGIT)]
-        ).astype(np.int64),
-        "x_val": as_batch(
-            np.concatenate([digits["x_val"].astype(np.float32) / 255.0, x_val_others])
-        ),
-        "y_val": np.concatenate([digits["y_val"], np.full(len(x_val_others), NOT_A_DIGIT)]).astype(
-            np.int64
-        ),
-    }
+    train = (
+        np.concatenate([x_train, pool]),
+        np.concatenate([digits["y_train"][:count], np.full(len(pool), NOT_A_DIGIT)]),
+    )
+    validation = (
+        np.concatenate([digits["x_val"].astype(np.float32) / 255.0, x_val_others]),
+        np.concatenate([digits["y_val"], np.full(len(x_val_others), NOT_A_DIGIT)]),
+    )
+    return train, validation
 
 
 def fit_member(
@@ -367,7 +388,7 @@ def with_stock_layers(trained: keras.Model, settings: TrainSettings) -> keras.Mo
 
 
 def fit_member_in_worker(
-    data_paths: tuple[Path, Path],
+    data_paths: tuple[Path, Path, Path | None],
     settings: TrainSettings,
     member: int,
     threads: int,
@@ -424,7 +445,7 @@ def run_workers(
 
 
 def train(
-    data_paths: tuple[Path, Path], settings: TrainSettings, workdir: Path
+    data_paths: tuple[Path, Path, Path | None], settings: TrainSettings, workdir: Path
 ) -> tuple[list[keras.Model], EpochLog]:
     """Fit `members` networks from consecutive seeds in parallel workers."""
     processes, threads = worker_layout(settings.members, len(os.sched_getaffinity(0)))
@@ -561,6 +582,7 @@ def main() -> None:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--data", type=Path, default=Path("data/prepared/mnist.npz"))
     parser.add_argument("--not-digits", type=Path, default=Path("data/prepared/not_digits.npz"))
+    parser.add_argument("--corrections", type=Path, help="users' accepted corrections (npz)")
     parser.add_argument("--model", type=Path, default=Path("models/model.keras"))
     parser.add_argument("--metrics", type=Path, default=Path("reports/train.json"))
     parser.add_argument("--history", type=Path, default=Path("reports/train_history.csv"))
@@ -572,16 +594,19 @@ def main() -> None:
     signal.signal(signal.SIGTERM, stop_on_sigterm)
     params = tracking.load_params(args.params)
     settings = TrainSettings.from_params(params["train"])
-    data = load_data(args.data, args.not_digits, settings)
+    data_paths = (args.data, args.not_digits, args.corrections)
+    data = load_data(*data_paths, settings)
     data_hash = file_md5(args.data)
 
     with tracking.start_run(run_name="train") as run:
         mlflow.log_params(tracking.flatten(params))
         mlflow.set_tag("precision", settings.precision)  # what `auto` chose on this machine
-        mlflow.set_tags(tracking.lineage_tags(data_hash))
+        mlflow.set_tags(
+            tracking.lineage_tags(data_hash, tracking.corrections_hash(args.corrections))
+        )
         started = time.perf_counter()
         with tempfile.TemporaryDirectory() as workdir:
-            members, epochs = train((args.data, args.not_digits), settings, Path(workdir))
+            members, epochs = train(data_paths, settings, Path(workdir))
         seconds = time.perf_counter() - started
         model, temperature, shift = calibrated_model(members, data, settings.max_digit_refusal)
         images = settings.members * settings.epochs * len(data["x_train"])

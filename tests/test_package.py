@@ -34,7 +34,12 @@ class Store:
         np.savez(self.data, x_val=read_split(SHARED_MNIST, "t10k")[0][:300])
         self.params = root / "params.yaml"
         params = yaml.safe_load((REPO / "params.yaml").read_text())
-        params["package"] = {"min_test_accuracy": 0.9, "tolerance": 0.001}
+        params["package"] = {
+            "min_test_accuracy": 0.9,
+            "tolerance": 0.001,
+            "min_user_drawings": 30,
+            "user_tolerance": 0.02,
+        }
         self.params.write_text(yaml.safe_dump(params))
         self.model = root / "model.keras"
         self.trained = root / "train.json"
@@ -52,15 +57,26 @@ class Store:
         mlflow.set_experiment(tracking.EXPERIMENT)
         self.client = MlflowClient()
 
-    def log_run(self, val: float, test: float, data_hash: str | None = None) -> str:
+    def log_run(
+        self,
+        val: float,
+        test: float,
+        data_hash: str | None = None,
+        corrections: str = "none",
+        answer: int | None = None,
+    ) -> str:
         """A finished, evaluated run holding a small real Keras model, which becomes the
-        pipeline's model (`model.keras` and its reports), as after train and evaluate."""
+        pipeline's model (`model.keras` and its reports), as after train and evaluate. With
+        `answer`, the model answers that class whatever it is shown."""
         model = keras.Sequential(
             [keras.Input(INPUT_SHAPE), keras.layers.Flatten(), keras.layers.Dense(10, "softmax")]
         )
+        if answer is not None:
+            weights, _ = model.layers[-1].get_weights()
+            model.layers[-1].set_weights([weights * 0, np.eye(10)[answer] * 10])
         tracking.save_keras_reproducibly(model, self.model)
         with mlflow.start_run() as run:
-            mlflow.set_tags(tracking.lineage_tags(data_hash or file_md5(self.data)))
+            mlflow.set_tags(tracking.lineage_tags(data_hash or file_md5(self.data), corrections))
             mlflow.set_tag(tracking.MODEL_MD5_TAG, file_md5(self.model))
             mlflow.log_metrics({"val_accuracy": val, "test_accuracy": test})
             tracking.log_keras_model(model, np.zeros((1, 28, 28), dtype=np.uint8))
@@ -144,6 +160,44 @@ def test_the_service_gets_a_litert_model_that_answers_like_the_keras_one(store):
     assert result.returncode == 0, result.stderr
     assert (folder / "model.tflite").is_file()
     assert len(store.bento_models()) == 1
+
+
+def users_corrections(folder: Path, label: int, count: int) -> Path:
+    """A feedback-stage dataset whose `count` test images are all labelled `label`."""
+    path = folder / "corrections.npz"
+    images = read_split(SHARED_MNIST, "t10k")[0][:count]
+    empty = np.zeros((0, 28, 28), np.uint8)
+    np.savez(
+        path,
+        x_train=empty,
+        y_train=np.zeros(0, np.int64),
+        x_val=empty,
+        y_val=np.zeros(0, np.int64),
+        x_test=images,
+        y_test=np.full(count, label),
+    )
+    return path
+
+
+def test_gate_refuses_a_model_worse_on_users_drawings_once_there_are_enough(store):
+    few = users_corrections(store.root, label=7, count=29)
+    first = store.log_run(val=0.990, test=0.995, corrections=file_md5(few), answer=7)
+    assert store.package("--corrections", str(few)).returncode == 0
+    # Better on MNIST's figures, but it never answers 7: with 29 drawings the gate cannot tell.
+    second = store.log_run(val=0.993, test=0.996, corrections=file_md5(few), answer=3)
+    assert store.package("--corrections", str(few)).returncode == 0
+    assert store.champion_run() == second
+
+    store.package("--version", "1")
+    enough = users_corrections(store.root, label=7, count=30)
+    store.log_run(val=0.995, test=0.997, corrections=file_md5(enough), answer=3)
+    result = store.package("--corrections", str(enough))
+    assert result.returncode == 0, result.stderr
+    assert "accuracy on 30 users' test images 0.0000 is worse than the champion's 1.0000" in (
+        result.stderr
+    )
+    assert store.champion_run() == first
+    assert first in store.bentoml("models", "get", "digits-cnn:latest")
 
 
 def test_gate_moves_champion_only_for_a_model_that_is_not_worse_and_rollback_undoes_it(store):

@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 
 from pipelines.download import load_prepared, read_split
+from pipelines.feedback import SPLITS
 from pipelines.model import FusedBatchNormalization, build_model, divide_logits, raise_logit
 from pipelines.preprocessing import CLASSES, NOT_A_DIGIT, as_batch
 from pipelines.train import (
@@ -248,27 +249,51 @@ def test_members_train_side_by_side_one_per_core(members, cores, layout):
     assert worker_layout(members, cores) == layout
 
 
-def small_prepared_split(folder: Path) -> Path:
-    """Prepared-data files like the download stage's: 2,000 training digits, and non-digits
-    (scribbles standing in for the drawings of other alphabets) in each split."""
+def small_prepared_split(folder: Path) -> tuple[Path, Path, Path]:
+    """Prepared-data files like the download and feedback stages': 2,000 training digits,
+    non-digits (scribbles standing in for the drawings of other alphabets) in each split, and
+    users' corrections (a few MNIST test digits standing in for reviewed drawings)."""
     x, y = read_split(SHARED_MNIST, "t10k")
     path = folder / "mnist.npz"
     np.savez(path, x_train=x[:2000], y_train=y[:2000], x_val=x[2000:2500], y_val=y[2000:2500])
     others = folder / "not_digits.npz"
     images = np.round(scribbles(60, seed=99) * 255).astype(np.uint8)
     np.savez(others, images=images, split=np.array(["train", "validation", "test"] * 20))
-    return path, others
+    corrections = folder / "corrections.npz"
+    np.savez(
+        corrections,
+        **{f"x_{split}": x[3000 + 10 * i : 3010 + 10 * i] for i, split in enumerate(SPLITS)},
+        **{f"y_{split}": y[3000 + 10 * i : 3010 + 10 * i] for i, split in enumerate(SPLITS)},
+    )
+    return path, others, corrections
 
 
 def test_training_data_mixes_in_the_non_digits_at_their_share(tmp_path):
-    mnist, others = small_prepared_split(tmp_path)
-    data = load_data(mnist, others, settings(not_digit_share=0.2, scribbles=100))
+    mnist, others, _ = small_prepared_split(tmp_path)
+    data = load_data(mnist, others, None, settings(not_digit_share=0.2, scribbles=100))
     labels = data["y_train"]
     share = (labels == NOT_A_DIGIT).mean()
     assert 0.15 <= share <= 0.25
     assert (labels[:2000] < 10).all() and data["x_train"].shape[1:] == (28, 28)
     # Validation holds the MNIST validation digits and only the held-out split's non-digits.
     assert (data["y_val"] == NOT_A_DIGIT).sum() == 20 and (data["y_val"] < 10).sum() == 500
+
+
+def test_users_corrections_train_at_their_weight_and_validate_once(tmp_path):
+    mnist, others, corrections = small_prepared_split(tmp_path)
+    run = settings(not_digit_share=0.2, scribbles=100, corrections_weight=3)
+    without = load_data(mnist, others, None, run)
+    data = load_data(mnist, others, corrections, run)
+    users = load_prepared(corrections)
+    added = data["x_train"][len(without["x_train"]) :]
+    assert len(added) == 3 * len(users["x_train"])
+    np.testing.assert_allclose(added[:10], users["x_train"] / 255.0, atol=1e-6)
+    assert list(data["y_train"][len(without["y_train"]) :]) == list(users["y_train"]) * 3
+    assert len(data["y_val"]) == len(without["y_val"]) + len(users["y_val"])
+    test_image = users["x_test"][0] / 255.0  # the held-out split never trains
+    assert (
+        np.abs(data["x_train"] - test_image).reshape(len(data["x_train"]), -1).max(axis=1).min() > 0
+    )
 
 
 @pytest.fixture
