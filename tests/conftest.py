@@ -307,6 +307,35 @@ def running_server(
         stop_process(process)
 
 
+# ---- A small disk ----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size_kb: int = 1024, read_only: bool = False) -> Iterator[Path]:
+    """A real filesystem of `size_kb` at `path` (a tmpfs), for a disk that fills up or turns
+    read-only (`remount`); unmounted on exit. Mounting needs root: elsewhere the test skips."""
+    path.mkdir(parents=True, exist_ok=True)
+    options = f"size={size_kb}k,mode=0755" + (",ro" if read_only else "")
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "digits-test", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small disk here (needs root): {mounted.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "--lazy", str(path)], capture_output=True)
+
+
+def remount(path: Path, read_only: bool) -> None:
+    """Make a `small_disk` read-only or writable again. Files open for writing on it make a
+    read-only remount fail (EBUSY): close them first."""
+    option = "remount,ro" if read_only else "remount,rw"
+    subprocess.run(["mount", "-o", option, str(path)], check=True, capture_output=True)
+
+
 # ---- A real PostgreSQL ----------------------------------------------------------------------
 
 
