@@ -15,6 +15,7 @@ import io
 import json
 import math
 import re
+import shutil
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -31,6 +32,9 @@ from playwright.sync_api import (
     expect,
     sync_playwright,
 )
+
+from pipelines.corrections import Correction, CorrectionStore
+from tests.conftest import serve
 
 pytestmark = pytest.mark.slow
 
@@ -254,12 +258,19 @@ def open_page(
 ) -> Iterator[Callable[..., DrawingPage]]:
     """Opens the drawing page in a fresh browser context (options as for `new_context`); each
     page is photographed into test-artifacts/ when the test ends, whether it passed or not."""
+    yield from page_opener(chromium, live_service, request)
+
+
+def page_opener(
+    chromium: Browser, base_url: str, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., DrawingPage]]:
+    """The body of a fixture like `open_page`, for the page served at `base_url`."""
     opened: list[DrawingPage] = []
 
     def open_(**context_options: object) -> DrawingPage:
         context = chromium.new_context(**(DESKTOP | context_options))
         drawing_page = DrawingPage(context.new_page())
-        drawing_page.page.goto(live_service.rstrip("/") + "/")
+        drawing_page.page.goto(base_url.rstrip("/") + "/")
         expect(drawing_page.bars).to_have_count(10)  # the module has run
         opened.append(drawing_page)
         return drawing_page
@@ -624,3 +635,236 @@ def test_ignores_a_late_answer_about_a_cleared_drawing(
 
     drawing.expect_invitation()
     drawing.assert_no_console_errors()
+
+
+# ---- Feedback: confirming or correcting an answer ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def feedback_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder of `feedback_service`: its model store, its log, its corrections."""
+    return tmp_path_factory.mktemp("feedback_service")
+
+
+@pytest.fixture(scope="module")
+def feedback_service(bentoml_home: Path, feedback_folder: Path) -> Iterator[str]:
+    """A `bentoml serve` of its own (one worker) whose corrections go to a fresh folder, so the
+    tests can read what the page sent from the store itself. It gets a copy of the model store,
+    as `limited_service` does, so that starting it leaves the live server's metrics alone."""
+    shutil.copytree(bentoml_home / "models", feedback_folder / "bentoml" / "models")
+    with serve(
+        feedback_folder / "bentoml",
+        feedback_folder,
+        DIGITS_WORKERS="1",
+        DIGITS_FEEDBACK_DIR=str(feedback_folder / "corrections"),
+    ) as base_url:
+        yield base_url
+
+
+@pytest.fixture
+def open_feedback_page(
+    chromium: Browser, feedback_service: str, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., DrawingPage]]:
+    """`open_page`, on the page of `feedback_service`."""
+    yield from page_opener(chromium, feedback_service, request)
+
+
+@pytest.fixture
+def corrections(feedback_service: str, feedback_folder: Path) -> Iterator[CorrectionStore]:
+    """The store `feedback_service` writes to, opened as the pipeline opens it."""
+    store = CorrectionStore.from_env({"DIGITS_FEEDBACK_DIR": str(feedback_folder / "corrections")})
+    yield store
+    store.close()
+
+
+class Feedback:
+    """The feedback under the answer: buttons, the correction form and what it says."""
+
+    def __init__(self, drawing: DrawingPage) -> None:
+        self.drawing = drawing
+        page = drawing.page
+        self.root = page.get_by_test_id("feedback")
+        self.right = page.get_by_test_id("feedback-right")
+        self.wrong = page.get_by_test_id("feedback-wrong")
+        self.not_a_digit = page.get_by_test_id("feedback-not-digit")
+        self.form = page.get_by_test_id("feedback-fix")
+        self.label = page.get_by_test_id("feedback-label")
+        self.send = page.get_by_test_id("feedback-send")
+        self.keypad = page.get_by_test_id("keypad")
+        self.status = page.get_by_test_id("feedback-status")
+
+    def key(self, name: str):
+        return self.keypad.locator(f"[data-key='{name}']")
+
+    def offered_answer(self) -> str:
+        """The answer the page asks about, as a label: the number shown, or not_a_digit."""
+        self.drawing.expect_answer()
+        expect(self.root).to_be_visible(timeout=ANSWER_TIMEOUT_MS)
+        if self.drawing.result.get_attribute("data-state") == "not-a-digit":
+            return "not_a_digit"
+        return self.drawing.number.inner_text().strip()
+
+    def sent(self, action: Callable[[], None]) -> tuple[dict, dict]:
+        """Does `action`, which must send feedback; returns the request's JSON body and the
+        service's JSON answer, after checking that it answered 201."""
+        with self.drawing.page.expect_response("**/feedback") as info:
+            action()
+        response = info.value
+        assert response.status == 201, response.text()
+        return json.loads(response.request.post_data or "{}"), response.json()
+
+
+def stored(store: CorrectionStore, reply: dict) -> Correction:
+    assert reply["status"] == "pending" and re.fullmatch(r"[0-9a-f]+", reply["id"])
+    correction = store.get(reply["id"])
+    assert correction is not None, "the service answered 201 but the store does not hold it"
+    assert correction.status == "pending"
+    return correction
+
+
+def assert_sent_the_image_read(drawing: DrawingPage, body: dict, correction: Correction) -> None:
+    """The correction holds the very image whose answer was on screen (the last one read)."""
+    last_read = json.loads(drawing.read_requests[-1].post_data or "{}")["image"]
+    assert body["image"] == last_read
+    assert correction.image_png == base64.b64decode(last_read.partition(",")[2])
+
+
+def test_feedback_saves_the_digit_tapped_after_a_wrong_answer_on_a_phone(
+    open_feedback_page: Callable[..., DrawingPage], corrections: CorrectionStore
+) -> None:
+    drawing = open_feedback_page(**PHONE, color_scheme="dark")
+    feedback = Feedback(drawing)
+    expect(feedback.root).to_be_hidden()
+    drawing.draw_with_finger(centred(SEVEN, aspect=PHONE_PAD_ASPECT))
+    shown = feedback.offered_answer()
+    expect(feedback.root).to_contain_text("Is this right?")
+
+    feedback.wrong.tap()
+    expect(feedback.wrong).to_have_attribute("aria-expanded", "true")
+    expect(feedback.form).to_be_visible()
+    feedback.key("4").tap()
+    feedback.key("1").tap()
+    feedback.key("Backspace").tap()  # a slip of the finger, taken back
+    expect(feedback.label).to_have_value("4")
+    assert drawing.page.evaluate("document.documentElement.scrollWidth") <= 360, "too wide"
+    body, reply = feedback.sent(feedback.send.tap)
+
+    expect(feedback.status).to_have_text("Thanks — saved for review: it is 4.")
+    expect(feedback.status).to_have_attribute("aria-live", "polite")
+    expect(feedback.form).to_be_hidden()
+    expect(feedback.right).to_be_hidden()
+    correction = stored(corrections, reply)
+    assert correction.label == body["label"] == "4"
+    assert correction.client_answer is not None
+    assert correction.client_answer["text"] == shown
+    assert_sent_the_image_read(drawing, body, correction)
+    drawing.assert_no_console_errors()
+
+
+def test_feedback_takes_the_right_number_from_the_keyboard(
+    open_feedback_page: Callable[..., DrawingPage], corrections: CorrectionStore
+) -> None:
+    drawing = open_feedback_page()
+    feedback = Feedback(drawing)
+    drawing.draw(write([FOUR, TWO], left=1.0, gap=0.5))
+    feedback.offered_answer()
+    keyboard = drawing.page.keyboard
+
+    keyboard.press("1")  # a digit key opens the correction with that digit typed
+    expect(feedback.form).to_be_visible()
+    expect(feedback.label).to_be_focused()
+    expect(feedback.label).to_have_value("1")
+    keyboard.press("Escape")  # cancels the correction, and leaves the drawing alone
+    expect(feedback.form).to_be_hidden()
+    expect(drawing.pad).to_have_attribute("data-strokes", "3")
+    keyboard.press("4")
+    keyboard.type("x7")  # the field takes digits only
+    expect(feedback.label).to_have_value("47")
+    body, reply = feedback.sent(lambda: keyboard.press("Enter"))
+
+    expect(feedback.status).to_have_text("Thanks — saved for review: it is 47.")
+    correction = stored(corrections, reply)
+    assert correction.label == "47"
+    assert_sent_the_image_read(drawing, body, correction)
+    drawing.assert_no_console_errors()
+
+
+def test_feedback_confirms_an_answer_and_starts_over_when_drawn_again(
+    open_feedback_page: Callable[..., DrawingPage], corrections: CorrectionStore
+) -> None:
+    drawing = open_feedback_page()
+    feedback = Feedback(drawing)
+    drawing.draw(centred(SEVEN))
+    shown = feedback.offered_answer()
+    expect(feedback.right).to_have_accessible_name(re.compile(r"^Right: it is"))
+
+    body, reply = feedback.sent(feedback.right.click)
+
+    expect(feedback.status).to_have_text(re.compile(r"^Thanks — saved for review: "))
+    correction = stored(corrections, reply)
+    # What the page showed is what it confirmed, and what the server's model read again.
+    assert correction.label == body["label"] == shown == correction.model_answer
+    assert body["answer"]["text"] == shown
+    assert body["answer"]["model_version"] == correction.model_version
+    assert_sent_the_image_read(drawing, body, correction)
+
+    # Drawing again puts the feedback away; the next answer is asked about afresh.
+    drawing.draw([[(0.5, 0.3), (0.5, 0.7)]])
+    feedback.offered_answer()
+    expect(feedback.status).to_have_text("")
+    expect(feedback.right).to_be_visible()
+    drawing.assert_no_console_errors()
+
+
+def test_feedback_says_not_a_digit_with_one_key(
+    open_feedback_page: Callable[..., DrawingPage], corrections: CorrectionStore
+) -> None:
+    drawing = open_feedback_page()
+    feedback = Feedback(drawing)
+    drawing.draw(centred(ONE))
+    feedback.offered_answer()
+
+    body, reply = feedback.sent(lambda: drawing.page.keyboard.press("n"))
+
+    expect(feedback.status).to_have_text("Thanks — saved for review: not a digit.")
+    assert stored(corrections, reply).label == body["label"] == "not_a_digit"
+    drawing.assert_no_console_errors()
+
+
+def refuse(status: int, sentence: str, reason: str) -> Callable[[Route], None]:
+    """A stand-in for POST /feedback that refuses, as the service does, with `status`."""
+
+    def handler(route: Route) -> None:
+        route.fulfill(status=status, json={"error": sentence, "reason": reason})
+
+    return handler
+
+
+def test_feedback_says_why_it_was_not_saved(
+    open_feedback_page: Callable[..., DrawingPage], corrections: CorrectionStore
+) -> None:
+    drawing = open_feedback_page()
+    feedback = Feedback(drawing)
+    refusals = [
+        (
+            429,
+            "at most 60 corrections per client within 1:00:00; try again later",
+            "too_many_corrections",
+        ),
+        (507, "corrections cannot be stored now: the server's disk is full", "storage_full"),
+    ]
+    drawing.draw(centred(ZERO))
+    shown = feedback.offered_answer()
+    for status, sentence, reason in refusals:
+        drawing.page.route("**/feedback", refuse(status, sentence, reason))
+        feedback.right.click()
+        expect(feedback.status).to_have_text(f"Not saved: {sentence}.")
+        expect(feedback.status).to_have_class(re.compile("is-error"))
+        drawing.page.unroute("**/feedback")
+
+    # The buttons stay, so the person can try again once the service takes it.
+    body, reply = feedback.sent(feedback.right.click)
+    expect(feedback.status).to_have_text(re.compile(r"^Thanks — saved for review: "))
+    assert stored(corrections, reply).label == shown
+    unexpected = [m for m in drawing.console_errors if not re.search(r"status of (429|507)", m)]
+    assert unexpected == []

@@ -120,6 +120,7 @@ export class FeedbackView {
     if (this.form.hidden) return;
     const hadFocus = this.form.contains(document.activeElement);
     this.form.hidden = true;
+    this.input.value = ""; // a correction opened again starts afresh
     this.wrongButton.setAttribute("aria-expanded", "false");
     this.root.dataset.step = "ask";
     if (refocus || hadFocus) this.wrongButton.focus();
@@ -180,7 +181,7 @@ export class FeedbackView {
         this.openCorrection(key, { focus: true });
       }
     } else if (key.toLowerCase() === "y" && !this.correcting) this.confirm();
-    else if (key.toLowerCase() === "n" && !this.notDigitButton.hidden) this.send(NOT_A_DIGIT);
+    else if (key.toLowerCase() === "n") this.send(NOT_A_DIGIT); // also agrees with a refusal
     else if (key === "Escape" && this.correcting) this.closeCorrection({ refocus: true });
     else if (key === "Enter" && this.correcting && !onButton) this.submitCorrection();
     else if (key === "Backspace" && this.correcting && !onButton) {
