@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -78,14 +79,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(bentoml: Path, service: str, port: int, log_file: Path) -> subprocess.Popen:
-    """`bentoml serve` on 127.0.0.1:port with the BentoML store of BENTOML_HOME (~/bentoml)."""
-    env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True"}
+def start_server(
+    bentoml: Path,
+    service: str,
+    port: int,
+    log_file: Path,
+    cwd: Path = REPO_ROOT,
+    environ: Mapping[str, str] = os.environ,
+) -> subprocess.Popen:
+    """`bentoml serve` of the project in `cwd` on 127.0.0.1:port, with the BentoML store of
+    BENTOML_HOME (~/bentoml) in `environ`."""
+    env = {**environ, "BENTOML_DO_NOT_TRACK": "True"}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     with open(log_file, "wb") as output:
         return subprocess.Popen(
             [str(bentoml), "serve", service, "--host", "127.0.0.1", "--port", str(port)],
-            cwd=REPO_ROOT,
+            cwd=cwd,
             env=env,
             stdout=output,
             stderr=subprocess.STDOUT,

@@ -264,15 +264,15 @@ def review(sheet: Path, settings: FeedbackSettings, limit: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def resolve_ids(store: CorrectionStore, prefixes: Sequence[str]) -> list[str]:
-    """Full ids for ids or unique id prefixes; raises SystemExit naming any that do not match."""
-    ids = [c.id for c in store.list()]
+def resolve(prefixes: Sequence[str], known: Sequence[str], what: str) -> list[str]:
+    """The full values for full values or unique prefixes of them (ids, client hashes, as
+    `review` shows them); raises SystemExit naming any that matches none or several."""
     resolved = []
     for prefix in prefixes:
-        matches = [i for i in ids if i.startswith(prefix.lower())]
+        matches = sorted({value for value in known if value.startswith(prefix.lower())})
         if len(matches) != 1:
             problem = "matches no correction" if not matches else "is ambiguous"
-            raise SystemExit(f"feedback: id {prefix!r} {problem}")
+            raise SystemExit(f"feedback: {what} {prefix!r} {problem}")
         resolved.append(matches[0])
     return resolved
 
@@ -280,7 +280,8 @@ def resolve_ids(store: CorrectionStore, prefixes: Sequence[str]) -> list[str]:
 def judge(prefixes: Sequence[str], status: str, reviewer: str) -> str:
     store = CorrectionStore.from_env()
     try:
-        changed = store.review(resolve_ids(store, prefixes), status, reviewer)
+        ids = resolve(prefixes, [c.id for c in store.list()], "id")
+        changed = store.review(ids, status, reviewer)
     finally:
         store.close()
     return f"{changed} correction(s) {status} by {reviewer}\n"
@@ -289,10 +290,12 @@ def judge(prefixes: Sequence[str], status: str, reviewer: str) -> str:
 def delete(prefixes: Sequence[str], client: str | None) -> str:
     store = CorrectionStore.from_env()
     try:
+        stored = store.list()
         if client:
+            [client] = resolve([client], [c.client_hash for c in stored], "client")
             removed = store.delete_client(client)
         else:
-            removed = sum(store.delete(i) for i in resolve_ids(store, prefixes))
+            removed = sum(store.delete(i) for i in resolve(prefixes, [c.id for c in stored], "id"))
     finally:
         store.close()
     return f"{removed} correction(s) deleted\n"
@@ -311,7 +314,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         judged.add_argument("--reviewer", default=getpass.getuser())
     removed = commands.add_parser("delete", help="delete corrections, or all of one client's")
     removed.add_argument("ids", nargs="*")
-    removed.add_argument("--client", help="a client hash, as `review` shows it (full)")
+    removed.add_argument("--client", help="a client hash, or its prefix as `review` shows it")
     exported = commands.add_parser("export", help="the accepted corrections as a dataset")
     exported.add_argument("--out", type=Path, default=Path("data/prepared/corrections.npz"))
     exported.add_argument("--report", type=Path, default=Path("reports/corrections.json"))

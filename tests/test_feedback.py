@@ -195,7 +195,7 @@ def test_delete_removes_one_correction_or_everything_from_one_client(project, mn
     store = project.store()
     client = store.client_hash("192.0.2.99")
     store.close()
-    assert "2 correction(s) deleted" in project.run("delete", "--client", client).stdout
+    assert "2 correction(s) deleted" in project.run("delete", "--client", client[:8]).stdout
     store = project.store()
     assert [c.id for c in store.list()] == [kept]
     store.close()
