@@ -46,6 +46,7 @@ from PIL import Image, ImageDraw
 log = logging.getLogger("feedback_loop")
 
 CANVAS = 280
+FAST_TOLERANCE = 0.005  # the fast preset's gate: its small model's test accuracy is noisier
 Point = tuple[float, float]
 
 
@@ -116,6 +117,17 @@ def data_url(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode()
 
 
+def served_model(port: int) -> str:
+    """What /info says is served: the registry version and the corrections it learnt from."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.request("GET", "/info")
+        info = json.loads(connection.getresponse().read())
+    finally:
+        connection.close()
+    return f"v{info['registry_version']} (corrections {info.get('corrections_version')})"
+
+
 def post(port: int, path: str, body: dict) -> tuple[int, dict]:
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     try:
@@ -162,25 +174,31 @@ class Clone:
             self.use_fast_params()
 
     def use_fast_params(self) -> None:
-        """tests/fast_params.yaml merged into params.yaml, section by section."""
+        """tests/fast_params.yaml merged into params.yaml, section by section, and a gate
+        tolerance for models whose test accuracy moves by a few tenths with any new data."""
         params = yaml.safe_load((self.folder / "params.yaml").read_text())
         fast = yaml.safe_load((self.folder / "tests" / "fast_params.yaml").read_text())
         for section, values in fast.items():
             params[section] = {**params.get(section, {}), **values}
+        params["package"]["tolerance"] = FAST_TOLERANCE
         (self.folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     def run(self, *command: str) -> str:
+        """The command's output (stdout, then stderr, where the stages log)."""
         result = subprocess.run(
             list(command), cwd=self.folder, env=self.env, capture_output=True, text=True
         )
         if result.returncode != 0:
             raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
-        return result.stdout
+        return result.stdout + result.stderr
 
     def repro(self) -> float:
         started = time.perf_counter()
         log.info("dvc repro in %s (this trains)", self.folder)
-        self.run("dvc", "repro")
+        output = self.run("dvc", "repro")
+        for line in output.splitlines():
+            if "package:" in line and "champion" in line:  # what the gate decided
+                log.info("%s", line.split("package: ", 1)[-1])
         return time.perf_counter() - started
 
     def metrics(self) -> dict:
@@ -265,10 +283,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     clone.env["DIGITS_FEEDBACK_PER_CLIENT_PER_HOUR"] = str(args.corrections + 10)  # one sender
     fresh = {name: drawings(style, args.test_drawings, seed=1000 + i)
              for i, (name, style) in enumerate(STYLES.items())}  # fmt: skip
+    served: list[str] = []
     first = clone.repro()
     before_figures = headline(clone.metrics())
 
     def measure(port: int) -> dict[str, StyleScore]:
+        served.append(served_model(port))
         return {name: score_style(port, STYLES[name], fresh[name]) for name in STYLES}
 
     def measure_and_correct(port: int) -> tuple[dict[str, StyleScore], str, list[str]]:
@@ -286,6 +306,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     after = clone.serving(measure)
     sys.stdout.write(
         report(chosen, len(ids), before, after, (before_figures, after_figures), (first, second))
+        + f"served before: {served[0]}\nserved after:  {served[1]}\n"
     )
 
 

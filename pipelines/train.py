@@ -13,6 +13,10 @@ readily it answers that class is fitted last, on held-out alphabets and MNIST va
 the largest push towards "not a digit" that refuses at most `max_digit_refusal` of the
 validation digits, folded into the classifier's bias so the saved model decides by itself.
 
+Users' corrections that a reviewer accepted (the feedback stage's dataset) join in: their
+training split repeated `corrections_weight` times per epoch, their validation split in the
+validation set. Which corrections a run saw is its `corrections_hash` tag.
+
 With `members` > 1 the stage trains that many networks from consecutive seeds, side by side in
 worker processes (one per core, each single-threaded), and saves their average as one model.
 Workers send their epoch metrics to this process, which alone talks to MLflow.

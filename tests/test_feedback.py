@@ -5,21 +5,27 @@ what deserves a second look."""
 from __future__ import annotations
 
 import io
+import json
 import os
+import shutil
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+from playwright.sync_api import Browser, expect
 
 from pipelines.corrections import CorrectionStore
-from pipelines.download import load_prepared, read_split
+from pipelines.download import file_md5, load_prepared, read_split
 from pipelines.drawing import canvas_image
 from pipelines.feedback import FeedbackSettings, examples_of, split_of
 from pipelines.preprocessing import NOT_A_DIGIT
-from tests.helpers import REPO, SHARED_MNIST
+from tests.conftest import serve
+from tests.helpers import REPO, SHARED_MNIST, FastProject, run_in
+from tests.test_web import Feedback, Glyph, centred, chromium, page_opener  # noqa: F401
 
 SETTINGS = FeedbackSettings.from_params(
     yaml.safe_load((REPO / "params.yaml").read_text())["feedback"]
@@ -199,3 +205,58 @@ def test_delete_removes_one_correction_or_everything_from_one_client(project, mn
     store = project.store()
     assert [c.id for c in store.list()] == [kept]
     store.close()
+
+
+# ---- The whole loop: the page, a reviewer, the pipeline, the next champion -------------------
+
+BOXY_SIX: Glyph = [[(0.7, 0.0), (0.0, 0.0), (0.0, 1.0), (0.7, 1.0), (0.7, 0.5), (0.0, 0.5)]]
+
+
+@pytest.mark.slow
+def test_a_correction_sent_from_the_page_and_accepted_trains_the_next_champion(
+    fast_project: FastProject,
+    chromium: Browser,  # noqa: F811 (the fixture, imported from test_web)
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+) -> None:
+    # A project of its own (the fast pipeline's, after `dvc repro`), with its own stores.
+    project = FastProject(tmp_path / "project", tmp_path / "bentoml")
+    shutil.copytree(fast_project.root, project.root, symlinks=True)
+    shutil.copytree(fast_project.bentoml_home / "models", project.bentoml_home / "models")
+    params = yaml.safe_load((project.root / "params.yaml").read_text())
+    params["package"]["tolerance"] = 0.01  # one more drawing moves a fast model's test figure
+    (project.root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    corrections_dir = project.root / "feedback"
+
+    # A person draws a (calculator-style) 6, says the answer is wrong and gives the digit.
+    with serve(
+        project.bentoml_home, tmp_path, DIGITS_WORKERS="1", DIGITS_FEEDBACK_DIR=str(corrections_dir)
+    ) as base_url:
+        pages = page_opener(chromium, base_url, request)
+        drawing = next(pages)()
+        feedback = Feedback(drawing)
+        drawing.draw(centred(BOXY_SIX))
+        feedback.offered_answer()
+        feedback.wrong.click()
+        drawing.page.keyboard.type("6")
+        _, reply = feedback.sent(lambda: drawing.page.keyboard.press("Enter"))
+        expect(feedback.status).to_have_text("Thanks — saved for review: it is 6.")
+        next(pages, None)  # photographs and closes the page
+
+    # A reviewer sees it pending, and accepts it.
+    review = run_in(project, sys.executable, "-m", "pipelines.feedback", "review").stdout
+    assert reply["id"][:8] in review and "1 pending correction(s)" in review
+    run_in(project, sys.executable, "-m", "pipelines.feedback", "accept", reply["id"][:8])
+
+    # `dvc repro` exports it, trains on it and promotes the new model.
+    run_in(project, "dvc", "repro")
+    exported = yaml.safe_load((project.root / "reports" / "corrections.json").read_text())
+    assert exported["accepted"] == 1 and exported["drawings"] == 1
+    version = file_md5(project.root / "data" / "prepared" / "corrections.npz")
+    (tmp_path / "after").mkdir()
+    with (
+        serve(project.bentoml_home, tmp_path / "after") as base_url,
+        urllib.request.urlopen(f"{base_url}/info", timeout=10) as answer,
+    ):
+        info = json.loads(answer.read())
+    assert info["corrections_version"] == version
