@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import keras
-import mlflow
 import numpy as np
 from PIL import Image, ImageDraw
 
@@ -496,6 +495,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=Path("models/model.keras"))
     parser.add_argument("--train-metrics", type=Path, default=Path("reports/train.json"))
     parser.add_argument("--metrics", type=Path, default=Path("reports/metrics.json"))
+    parser.add_argument("--metrics-detail", type=Path, default=Path("reports/metrics_detail.json"))
     parser.add_argument("--confusion", type=Path, default=Path("reports/confusion.csv"))
     parser.add_argument("--calibration", type=Path, default=Path("reports/calibration.csv"))
     parser.add_argument("--misclassified", type=Path, default=Path("reports/misclassified.png"))
@@ -554,6 +554,7 @@ def main() -> None:
 
     reports = (
         args.metrics,
+        args.metrics_detail,
         args.confusion,
         args.calibration,
         args.misclassified,
@@ -561,7 +562,7 @@ def main() -> None:
     )
     for path in reports:
         path.parent.mkdir(parents=True, exist_ok=True)
-    tracking.write_json(metrics, args.metrics)
+    tracking.write_metrics(metrics, args.metrics, args.metrics_detail)
     tracking.write_csv(
         [{"actual": int(a), "predicted": int(p)} for a, p in zip(labels, predicted, strict=True)],
         args.confusion,
@@ -575,10 +576,14 @@ def main() -> None:
     run = tracking.ensure_model_run(
         args.model, args.data, params, tracking.train_scores(trained), args.corrections
     )
-    with tracking.start_run(run_id=run.info.run_id):
-        mlflow.log_metrics(tracking.evaluation_scores(metrics))
-        for path in reports:
-            mlflow.log_artifact(str(path), artifact_path="evaluation")
+    figures = {
+        "confusion_matrix.png": tracking.confusion_figure(counts),
+        "reliability.png": tracking.reliability_figure(reliability, ece),
+    }
+    datasets = {"mnist": args.data, "not_digits": args.not_digits}
+    if args.corrections is not None:
+        datasets["corrections"] = args.corrections
+    tracking.log_evaluation(run, metrics, datasets, reports, figures)
     log.info(
         "test accuracy %.4f (%d errors), canvas %.4f, numbers %.4f, refused: digits %.4f, "
         "non-digits %.4f (AUROC %.4f), ECE %.4f",

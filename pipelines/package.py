@@ -109,11 +109,12 @@ def register(client: MlflowClient, run: Run) -> ModelVersion:
         f"name = '{tracking.REGISTERED_MODEL}' and run_id = '{run.info.run_id}'"
     )
     if existing:
-        return min(existing, key=lambda version: int(version.version))
-    registered = mlflow.register_model(
-        f"runs:/{run.info.run_id}/{tracking.MODEL_ARTIFACT}", tracking.REGISTERED_MODEL
-    )
-    return client.get_model_version(tracking.REGISTERED_MODEL, registered.version)
+        version = min(existing, key=lambda version: int(version.version))
+    else:
+        registered = mlflow.register_model(tracking.model_uri(run), tracking.REGISTERED_MODEL)
+        version = client.get_model_version(tracking.REGISTERED_MODEL, registered.version)
+    tracking.describe_version(client, version, run)
+    return client.get_model_version(tracking.REGISTERED_MODEL, version.version)
 
 
 def current_champion(client: MlflowClient) -> ModelVersion | None:

@@ -602,12 +602,11 @@ def main() -> None:
     data = load_data(*data_paths, settings)
     data_hash = file_md5(args.data)
 
-    with tracking.start_run(run_name="train") as run:
-        mlflow.log_params(tracking.flatten(params))
-        mlflow.set_tag("precision", settings.precision)  # what `auto` chose on this machine
-        mlflow.set_tags(
-            tracking.lineage_tags(data_hash, tracking.corrections_hash(args.corrections))
-        )
+    lineage = tracking.lineage_tags(data_hash, tracking.corrections_hash(args.corrections))
+    datasets = {"mnist": args.data, "not_digits": args.not_digits}
+    if args.corrections is not None:
+        datasets["corrections"] = args.corrections
+    with tracking.start_training_run(params, settings.precision, lineage, datasets) as run:
         started = time.perf_counter()
         with tempfile.TemporaryDirectory() as workdir:
             members, epochs = train(data_paths, settings, Path(workdir))

@@ -51,7 +51,8 @@ def test_repro_runs_every_stage_and_tracks_the_run(fast_project):
     metrics = json.loads((fast_project.root / "reports/metrics.json").read_text())
     assert 0.97 <= metrics["test_accuracy"] <= 1.0
     assert 0.0 <= metrics["expected_calibration_error"] <= 1.0
-    assert set(metrics["per_class"]) == {str(d) for d in range(10)}
+    detail = json.loads((fast_project.root / "reports/metrics_detail.json").read_text())
+    assert set(detail["per_class"]) == {str(d) for d in range(10)}
     assert 0.5 < metrics["canvas_accuracy"] <= 1.0
     for report in ("confusion.csv", "calibration.csv", "misclassified.png", "train_history.csv"):
         assert (fast_project.root / "reports" / report).stat().st_size > 0
