@@ -22,10 +22,14 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
+
+if TYPE_CHECKING:
+    from starlette.testclient import TestClient
 
 from pipelines.drawing import glyphs_in_slots
 from tests.helpers import REPO as REPO_ROOT
@@ -173,6 +177,22 @@ def bentoml_home(request: pytest.FixtureRequest) -> Path:
     return Path(os.environ["BENTOML_HOME"])
 
 
+# ---- The service in process ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def service_client(bentoml_home: Path) -> Iterator[TestClient]:
+    """The service in process (`Digits.to_asgi()`, a real model, no server), shared by every
+    module of the session: BentoML registers its request metrics once per process, so a second
+    `to_asgi()` would fail."""
+    from starlette.testclient import TestClient
+
+    from service.service import Digits
+
+    with TestClient(Digits.to_asgi(), raise_server_exceptions=False) as client:
+        yield client
+
+
 # ---- A real server ---------------------------------------------------------------------------
 
 
@@ -243,9 +263,8 @@ def limited_service(live_service, bentoml_home, tmp_path_factory) -> Iterator[st
     It gets a copy of the store: `bentoml serve` empties the Prometheus directory of its
     BENTOML_HOME at start, which would wipe the live server's metrics."""
     folder = tmp_path_factory.mktemp("limited_service")
-    shutil.copytree(bentoml_home / "models", folder / "bentoml" / "models")
     with serve(
-        folder / "bentoml",
+        copied_bentoml_home(bentoml_home, folder),
         folder,
         DIGITS_WORKERS="1",
         DIGITS_MAX_CONCURRENCY=str(OVERLOAD_LIMIT),
@@ -253,11 +272,28 @@ def limited_service(live_service, bentoml_home, tmp_path_factory) -> Iterator[st
         yield base_url
 
 
+def copied_bentoml_home(bentoml_home: Path, folder: Path) -> Path:
+    """A BentoML home in `folder` holding a copy of the models: a server of its own, whose
+    start (which empties its home's Prometheus directory) leaves other servers' metrics be."""
+    shutil.copytree(bentoml_home / "models", folder / "bentoml" / "models")
+    return folder / "bentoml"
+
+
 @contextlib.contextmanager
 def serve(bentoml_home: Path, log_dir: Path, **env_overrides: str) -> Iterator[str]:
     """A real `bentoml serve` of the service on a free port of 127.0.0.1, stopped on exit.
 
     `env_overrides` set environment variables for it, e.g. DIGITS_MAX_CONCURRENCY="4"."""
+    with serving(bentoml_home, log_dir, **env_overrides) as (base_url, _):
+        yield base_url
+
+
+@contextlib.contextmanager
+def serving(
+    bentoml_home: Path, log_dir: Path, **env_overrides: str
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """As `serve`, also yielding the server process, which leads its own process group (its
+    workers are in it), for tests that kill it."""
     port = free_port()
     env = {
         **os.environ,
@@ -267,10 +303,10 @@ def serve(bentoml_home: Path, log_dir: Path, **env_overrides: str) -> Iterator[s
     }
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # bentoml serve sets up its own
     command = [str(BENTOML), "serve", "service.service:Digits", "--host", "127.0.0.1"]
-    with running_server(
+    with server_process(
         [*command, "--port", str(port)], REPO_ROOT, env, port, log_dir / "server.log"
-    ) as base_url:
-        yield base_url
+    ) as process:
+        yield f"http://127.0.0.1:{port}", process
 
 
 @contextlib.contextmanager
@@ -285,6 +321,20 @@ def running_server(
     """Start `command`, a server that will answer on `port` of 127.0.0.1, and wait until its
     /readyz says 200; yield its base URL, stop it (and its process group) on exit. When it does
     not come up, the end of its log (`log_path`) is shown."""
+    with server_process(command, cwd, env, port, log_path, timeout):
+        yield f"http://127.0.0.1:{port}"
+
+
+@contextlib.contextmanager
+def server_process(
+    command: list[str],
+    cwd: Path,
+    env: dict[str, str],
+    port: int,
+    log_path: Path,
+    timeout: float = SERVER_START_TIMEOUT,
+) -> Iterator[subprocess.Popen]:
+    """As `running_server`, yielding the process."""
     with open(log_path, "wb") as server_log:
         process = subprocess.Popen(
             command,
@@ -302,7 +352,7 @@ def running_server(
         sys.stderr.write(log_path.read_text(errors="replace")[-8000:])
         raise
     try:
-        yield base_url
+        yield process
     finally:
         stop_process(process)
 

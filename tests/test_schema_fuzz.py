@@ -66,7 +66,7 @@ CHECKS = [not_a_server_error, negative_data_rejection, unsupported_method]
 
 
 def test_every_api_route_is_fuzzed() -> None:
-    assert {"/predict", "/predict_batch", "/read"} <= set(openapi_document()["paths"])
+    assert {"/predict", "/predict_batch", "/read", "/feedback"} <= set(openapi_document()["paths"])
 
 
 @schema.parametrize()

@@ -44,9 +44,8 @@ DIGITS_TO_READ = 30  # rendered MNIST test digits; the small test model reads ~9
 
 
 @pytest.fixture(scope="module")
-def client(bentoml_home) -> Iterator[TestClient]:
-    with TestClient(Digits.to_asgi(), raise_server_exceptions=False) as test_client:
-        yield test_client
+def client(service_client) -> TestClient:
+    return service_client
 
 
 @pytest.fixture(scope="module")
@@ -801,14 +800,19 @@ def test_metrics_count_predictions_confidence_and_refusals(client, digit):
     assert "digits_model_batch_size_bucket" in text
 
 
-def refusals(client: TestClient) -> dict[str, float]:
-    """digits_rejected_inputs_total by reason, as /metrics reports it."""
-    prefix = 'digits_rejected_inputs_total{reason="'
+def counts_by_label(client: TestClient, counter: str, label: str) -> dict[str, float]:
+    """A counter of one label, by that label's value, as /metrics reports it."""
+    prefix = f'{counter}{{{label}="'
     return {
         line[len(prefix) :].split('"')[0]: float(line.rsplit(" ", 1)[1])
         for line in client.get("/metrics").text.splitlines()
         if line.startswith(prefix)
     }
+
+
+def refusals(client: TestClient) -> dict[str, float]:
+    """digits_rejected_inputs_total by reason."""
+    return counts_by_label(client, "digits_rejected_inputs_total", "reason")
 
 
 def test_metrics_count_drawings_refused_by_reason(client, number_png):

@@ -13,24 +13,39 @@ import base64
 import contextlib
 import http.client
 import io
+import itertools
 import json
 import os
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
+import psutil
 import pytest
 import yaml
 from PIL import Image
 
+from pipelines.corrections import CorrectionStore, validate_label
 from service.settings import Settings
-from tests.conftest import NUMBER_CANVAS, OVERLOAD_LIMIT, scribble
+from tests.conftest import (
+    NUMBER_CANVAS,
+    OVERLOAD_LIMIT,
+    copied_bentoml_home,
+    remount,
+    render_canvas,
+    scribble,
+    serve,
+    serving,
+    small_disk,
+)
 from tests.helpers import REPO as REPO_ROOT
 
 pytestmark = pytest.mark.slow
@@ -320,6 +335,153 @@ def test_server_stays_healthy_after_abuse(live_service, canvas):
     assert response.json()["digit"] == canvas[1]
 
 
+# ---- Corrections (POST /feedback) ------------------------------------------------------------
+
+
+def feedback(base_url: str, image: str, label: str) -> httpx.Response:
+    """One correction on a connection of its own (so that the workers share them out)."""
+    return httpx.post(f"{base_url}/feedback", json={"image": image, "label": label}, timeout=30)
+
+
+def opened_store(folder: Path) -> CorrectionStore:
+    return CorrectionStore.from_env({"DIGITS_FEEDBACK_DIR": str(folder)})
+
+
+def test_the_per_client_limit_holds_across_workers(bentoml_home, tmp_path, canvas):
+    """Two workers, five corrections an hour per client: the sixth is refused whichever worker
+    takes it, because the count is the database's."""
+    image, label = canvas
+    with serve(
+        copied_bentoml_home(bentoml_home, tmp_path),
+        tmp_path,
+        DIGITS_WORKERS="2",
+        DIGITS_FEEDBACK_PER_CLIENT_PER_HOUR="5",
+    ) as base_url:
+        answers = [feedback(base_url, image, str(label)) for _ in range(8)]
+        info = httpx.get(f"{base_url}/info", timeout=10).json()
+    assert [answer.status_code for answer in answers] == [201] * 5 + [429] * 3
+    assert {answer.json()["reason"] for answer in answers[5:]} == {"too_many_corrections"}
+    store = opened_store(tmp_path / "feedback")
+    corrections = store.list()
+    store.close()
+    assert [c.id for c in corrections] == [answer.json()["id"] for answer in answers[:5]]
+    for correction in corrections:
+        assert correction.model_answer == str(label)
+        assert correction.model_version == info["model_tag"]
+        assert correction.label_probability > 0.5
+        assert correction.client_hash != "127.0.0.1"  # salted, never the address
+
+
+def test_a_read_only_disk_refuses_corrections_and_predicting_goes_on(
+    bentoml_home, tmp_path, canvas
+):
+    image, label = canvas
+    with (
+        small_disk(tmp_path / "disk", read_only=True) as disk,
+        serve(
+            copied_bentoml_home(bentoml_home, tmp_path),
+            tmp_path,
+            DIGITS_FEEDBACK_DIR=str(disk / "feedback"),
+        ) as base_url,
+    ):
+        refused = feedback(base_url, image, str(label))
+        predicted = httpx.post(f"{base_url}/predict", json={"image": image}, timeout=10)
+        remount(disk, read_only=False)  # the disk is fixed: no restart needed
+        accepted = feedback(base_url, image, str(label))
+    assert refused.status_code == 503, refused.text
+    assert refused.json()["reason"] == "storage_unavailable"
+    assert predicted.status_code == 200 and predicted.json()["digit"] == label
+    assert accepted.status_code == 201, accepted.text
+    server_log = (tmp_path / "server.log").read_text(errors="replace")
+    assert "a correction was not stored" in server_log  # the operator is told why
+
+
+KILL_AFTER = 60  # corrections answered 201 before the server is killed
+SENDERS = 8  # clients sending corrections at once
+SEND_DEADLINE = 300.0  # seconds; a sender stops then whatever happens
+
+
+def kill_9(process: subprocess.Popen) -> None:
+    """SIGKILL the server and every worker at once. Killing its process group is not enough:
+    BentoML's arbiter starts each worker in a session of its own, and orphaned workers would
+    go on serving from the shared socket."""
+    tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+    for member in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.kill()
+    process.wait(timeout=30)
+    _, alive = psutil.wait_procs(tree, timeout=30)
+    assert alive == []
+
+
+def test_kill_9_mid_stream_loses_no_answered_correction(bentoml_home, tmp_path, mnist_test):
+    """Two workers take corrections from eight clients at once; the server and its workers are
+    killed with SIGKILL in the middle. Every correction answered 201 is in the store afterwards,
+    and every stored row is whole: a PNG that decodes, a valid label, the model's reading."""
+    images, labels = mnist_test
+    drawings = [(data_url(render_canvas(images[i])), str(labels[i])) for i in range(20)]
+    answered: list[str] = []
+    statuses: list[int] = []
+    killed = threading.Event()
+    enough = threading.Event()
+
+    def send(base_url: str, sender: int) -> None:
+        deadline = time.monotonic() + SEND_DEADLINE
+        with httpx.Client(timeout=30) as client:
+            for attempt in itertools.count():
+                if time.monotonic() > deadline:
+                    return
+                image, label = drawings[(sender + attempt) % len(drawings)]
+                try:
+                    response = client.post(
+                        f"{base_url}/feedback", json={"image": image, "label": label}
+                    )
+                except httpx.TransportError:
+                    if killed.is_set():
+                        return
+                    raise
+                statuses.append(response.status_code)
+                if response.status_code != 201:
+                    return
+                answered.append(response.json()["id"])
+                if len(answered) >= KILL_AFTER:
+                    enough.set()
+
+    with (
+        serving(
+            copied_bentoml_home(bentoml_home, tmp_path),
+            tmp_path,
+            DIGITS_WORKERS="2",
+            DIGITS_FEEDBACK_PER_CLIENT_PER_HOUR="100000",
+        ) as (base_url, process),
+        ThreadPoolExecutor(SENDERS) as pool,
+    ):
+        senders = [pool.submit(send, base_url, sender) for sender in range(SENDERS)]
+        assert enough.wait(timeout=SEND_DEADLINE), f"only {len(answered)} corrections stored"
+        killed.set()
+        kill_9(process)  # mid-write: eight requests are in flight
+        for sender in senders:
+            sender.result(timeout=60)
+    assert set(statuses) == {201}  # two workers writing at once: no write ever failed
+    store = opened_store(tmp_path / "feedback")
+    corrections = store.list()
+    with store.engine.connect() as connection:
+        integrity = connection.exec_driver_sql("PRAGMA integrity_check").scalar()
+    store.close()
+    assert integrity == "ok"
+    stored_ids = {correction.id for correction in corrections}
+    assert set(answered) <= stored_ids  # a 201 is a promise
+    assert len(stored_ids) <= len(answered) + SENDERS  # at most the requests in flight more
+    sent = dict(drawings)
+    for correction in corrections:
+        png = Image.open(io.BytesIO(correction.image_png))
+        png.load()
+        assert png.format == "PNG"
+        assert correction.label == sent[data_url(correction.image_png)]
+        assert validate_label(correction.model_answer)
+        assert correction.model_version and correction.status == "pending"
+
+
 def test_bento_builds_with_code_page_model_pinned_packages_and_a_dockerfile(bentoml_home):
     """`bentoml build` packs what `bentoml containerize` and `docker run` need, pinned as locked."""
     built = subprocess.run(
@@ -341,6 +503,8 @@ def test_bento_builds_with_code_page_model_pinned_packages_and_a_dockerfile(bent
         "src/service/runtime.py",
         "src/pipelines/preprocessing.py",
         "src/pipelines/segmentation.py",
+        "src/pipelines/corrections.py",
+        "src/service/feedback.py",
         "src/web/index.html",
         "src/web/app.js",
     ):

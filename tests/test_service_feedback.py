@@ -30,15 +30,14 @@ from pipelines.corrections import NOT_A_DIGIT_LABEL, CorrectionStore
 from pipelines.preprocessing import CLASSES, NOT_A_DIGIT
 from pipelines.segmentation import Box, Mark
 from service.feedback import label_probability, model_answer
-from service.service import SETTINGS, Digits
+from service.service import SETTINGS
 from tests.conftest import data_url, remount, scribble, small_disk
-from tests.test_service import assert_refusal, png
+from tests.test_service import assert_refusal, counts_by_label, png
 
 
 @pytest.fixture(scope="module")
-def client(bentoml_home) -> Iterator[TestClient]:
-    with TestClient(Digits.to_asgi(), raise_server_exceptions=False) as test_client:
-        yield test_client
+def client(service_client) -> TestClient:
+    return service_client
 
 
 @pytest.fixture
@@ -257,12 +256,7 @@ def test_a_full_disk_is_507_and_predicting_goes_on(client, inbox, seven, monkeyp
 
 
 def feedback_outcomes(client: TestClient) -> dict[str, float]:
-    prefix = 'digits_feedback_total{outcome="'
-    return {
-        line[len(prefix) :].split('"')[0]: float(line.rsplit(" ", 1)[1])
-        for line in client.get("/metrics").text.splitlines()
-        if line.startswith(prefix)
-    }
+    return counts_by_label(client, "digits_feedback_total", "outcome")
 
 
 def test_metrics_count_feedback_by_outcome(client, store, seven):
