@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import psutil
 import pytest
 from PIL import Image, ImageDraw
 
@@ -220,15 +221,39 @@ def wait_until_ready(base_url: str, process: subprocess.Popen, timeout: float) -
 
 
 def stop_process(process: subprocess.Popen, grace: float = 10.0) -> None:
-    """SIGTERM the server (its own process group, so its workers too), then SIGKILL."""
+    """SIGTERM the server (its own process group: it stops its workers), then SIGKILL it and
+    all it started."""
     if process.poll() is not None:
         return
+    started = descendants(process)
     os.killpg(process.pid, signal.SIGTERM)
     try:
         process.wait(timeout=grace)
     except subprocess.TimeoutExpired:
+        kill_tree(process, started)
+
+
+def descendants(process: subprocess.Popen) -> list[psutil.Process]:
+    try:
+        return psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def kill_tree(process: subprocess.Popen, started: list[psutil.Process] | None = None) -> None:
+    """SIGKILL a server, its process group and everything it started, at once, and wait until
+    all are gone. The group alone is not enough: BentoML's arbiter starts each worker in a
+    session of its own, and orphaned workers go on serving from the shared socket."""
+    tree = [*(started or []), *descendants(process)]
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=grace)
+    for member in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.kill()
+    process.wait(timeout=30)
+    _, alive = psutil.wait_procs(tree, timeout=30)
+    if alive:
+        raise RuntimeError(f"processes {[member.pid for member in alive]} survived SIGKILL")
 
 
 @pytest.fixture(scope="session")

@@ -214,23 +214,30 @@ def test_a_folder_that_cannot_be_created_is_unavailable(tmp_path):
         store.count()
 
 
-def _write_many(directory: str, writer: int, results: multiprocessing.Queue) -> None:
-    """One worker process: ADDS_PER_WRITER corrections, each id (or error) reported."""
-    store = CorrectionStore.from_env({"DIGITS_FEEDBACK_DIR": directory})
+def _write_many(
+    url: str, writer: int, results: multiprocessing.Queue, max_pending: int | None = None
+) -> None:
+    """One worker process: ADDS_PER_WRITER corrections, each id (or refusal) reported."""
+    store = CorrectionStore(url)
     for index in range(ADDS_PER_WRITER):
         try:
-            results.put(("ok", add(store, label=str(index), client=f"writer-{writer}")))
+            correction_id = add(
+                store, label=str(index), client=f"writer-{writer}", max_pending=max_pending
+            )
+            results.put(("ok", correction_id))
+        except PendingLimitReached:
+            results.put(("full", ""))
         except Exception as error:  # reported, counted as a failure by the test
             results.put(("error", repr(error)))
     store.close()
 
 
-def test_several_processes_write_one_sqlite_file_at_once(tmp_path):
-    directory = str(tmp_path / "feedback")
+def write_at_once(url: str, max_pending: int | None = None) -> list[tuple[str, str]]:
+    """WRITERS processes adding ADDS_PER_WRITER corrections each, all at once; the outcomes."""
     context = multiprocessing.get_context("spawn")  # fresh interpreters, like server workers
     results = context.Queue()
     writers = [
-        context.Process(target=_write_many, args=(directory, writer, results))
+        context.Process(target=_write_many, args=(url, writer, results, max_pending))
         for writer in range(WRITERS)
     ]
     for process in writers:
@@ -239,9 +246,14 @@ def test_several_processes_write_one_sqlite_file_at_once(tmp_path):
     for process in writers:
         process.join(timeout=60)
         assert process.exitcode == 0
-    errors = [detail for kind, detail in outcomes if kind == "error"]
-    assert errors == []
-    store = CorrectionStore.from_env({"DIGITS_FEEDBACK_DIR": directory})
+    return outcomes
+
+
+def test_several_processes_write_one_sqlite_file_at_once(tmp_path):
+    url = f"sqlite:///{tmp_path / 'feedback' / 'corrections.db'}"
+    outcomes = write_at_once(url)
+    assert [detail for kind, detail in outcomes if kind != "ok"] == []
+    store = CorrectionStore(url)
     stored = {correction.id for correction in store.list()}
     assert stored == {detail for _, detail in outcomes}
     assert len(stored) == WRITERS * ADDS_PER_WRITER
@@ -249,6 +261,16 @@ def test_several_processes_write_one_sqlite_file_at_once(tmp_path):
     hashes = {store.client_hash(f"writer-{writer}") for writer in range(WRITERS)}
     assert {correction.client_hash for correction in store.list()} == hashes
     store.close()
+
+
+def test_the_pending_cap_holds_when_processes_write_at_once(store):
+    """The count and the insert are one locked transaction: never one more than the cap."""
+    cap = WRITERS * ADDS_PER_WRITER // 2
+    outcomes = write_at_once(store.url.render_as_string(hide_password=False), max_pending=cap)
+    kinds = [kind for kind, _ in outcomes]
+    assert "error" not in kinds
+    assert kinds.count("ok") == cap == store.count("pending")
+    assert kinds.count("full") == WRITERS * ADDS_PER_WRITER - cap
 
 
 def test_sqlite_runs_in_wal_mode(tmp_path):

@@ -28,7 +28,6 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
-import psutil
 import pytest
 import yaml
 from PIL import Image
@@ -39,6 +38,7 @@ from tests.conftest import (
     NUMBER_CANVAS,
     OVERLOAD_LIMIT,
     copied_bentoml_home,
+    kill_tree,
     remount,
     render_canvas,
     scribble,
@@ -401,19 +401,6 @@ SENDERS = 8  # clients sending corrections at once
 SEND_DEADLINE = 300.0  # seconds; a sender stops then whatever happens
 
 
-def kill_9(process: subprocess.Popen) -> None:
-    """SIGKILL the server and every worker at once. Killing its process group is not enough:
-    BentoML's arbiter starts each worker in a session of its own, and orphaned workers would
-    go on serving from the shared socket."""
-    tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
-    for member in tree:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            member.kill()
-    process.wait(timeout=30)
-    _, alive = psutil.wait_procs(tree, timeout=30)
-    assert alive == []
-
-
 def test_kill_9_mid_stream_loses_no_answered_correction(bentoml_home, tmp_path, mnist_test):
     """Two workers take corrections from eight clients at once; the server and its workers are
     killed with SIGKILL in the middle. Every correction answered 201 is in the store afterwards,
@@ -459,7 +446,7 @@ def test_kill_9_mid_stream_loses_no_answered_correction(bentoml_home, tmp_path, 
         senders = [pool.submit(send, base_url, sender) for sender in range(SENDERS)]
         assert enough.wait(timeout=SEND_DEADLINE), f"only {len(answered)} corrections stored"
         killed.set()
-        kill_9(process)  # mid-write: eight requests are in flight
+        kill_tree(process)  # mid-write: eight requests are in flight
         for sender in senders:
             sender.result(timeout=60)
     assert set(statuses) == {201}  # two workers writing at once: no write ever failed
