@@ -111,8 +111,9 @@ class FeedbackRequest(BaseModel):
         description="What the drawing really is: its digits ('7', '2026') or 'not_a_digit'",
         examples=["3"],
     )
-    answer: dict[str, Any] | None = Field(
-        default=None,
+    # Absent or an object, never null: BentoML's OpenAPI document cannot say "or null".
+    answer: dict[str, Any] = Field(
+        default_factory=dict,
         description="Optional: what the model answered, as the page showed it (digit or text, "
         "confidence, model_version); kept for review, never trusted",
         examples=[{"digit": 8, "confidence": 0.61, "model_version": "digits-cnn:abc"}],
@@ -285,7 +286,7 @@ class Digits:
 
     @bentoml.api(input_spec=FeedbackRequest)
     async def feedback(
-        self, image: str, label: str, answer: dict[str, Any] | None, ctx: bentoml.Context
+        self, image: str, label: str, answer: dict[str, Any], ctx: bentoml.Context
     ) -> FeedbackAnswer:
         """Store a correction, what the drawing really is, for review: 201 with its id.
         Refused with 422 (`invalid_label`; a blank image: `no_digit`), 429
@@ -303,13 +304,13 @@ class Digits:
         return response
 
     async def correction(
-        self, image: str, label: str, answer: dict[str, Any] | None, client: str
+        self, image: str, label: str, answer: dict[str, Any], client: str
     ) -> FeedbackAnswer:
         """Check, read with the model (as /read does), store; the stored correction."""
         if not SETTINGS.feedback_enabled:
             raise disabled()
         label = checked_label(label)
-        client_answer = checked_answer(answer, SETTINGS.max_feedback_answer_chars)
+        client_answer = checked_answer(answer or None, SETTINGS.max_feedback_answer_chars)
         plan = await self.plan(image, plan_reading)
         marks = plan.marks(await self.batcher.predict(plan.inputs))
         correction_id = await self.inbox.add(

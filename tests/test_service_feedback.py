@@ -161,6 +161,7 @@ def test_a_blank_canvas_has_nothing_to_correct(client, store):
         ({"image": "aGVsbG8="}, 400, "missing_field"),
         ({"image": "aGVsbG8=", "label": 7}, 400, "invalid_field"),
         ({"image": "aGVsbG8=", "label": "7", "answer": "7"}, 400, "invalid_field"),
+        ({"image": "aGVsbG8=", "label": "7", "answer": None}, 400, "invalid_field"),
         ({"image": "aGVsbG8=", "label": "7", "user": "me"}, 400, "unexpected_field"),
     ],
 )
