@@ -71,6 +71,7 @@ SALT_VARIABLE = "DIGITS_FEEDBACK_SALT"
 DEFAULT_DIR = "feedback"
 SQLITE_FILE = "corrections.db"
 BUSY_TIMEOUT_SECONDS = 30.0  # how long a SQLite writer waits for another before failing
+CONNECT_TIMEOUT_SECONDS = 5  # how long to wait for a database server to answer a connection
 SALT_KEY = "client_salt"
 LOCK_KEY = "write_lock"  # the row a PostgreSQL write locks, so that writers queue
 SQLITE_FULL_NAMES = ("SQLITE_FULL",)
@@ -215,7 +216,13 @@ class CorrectionStore:
             )
             _configure_sqlite(self.engine)
         else:
-            self.engine = sqlalchemy.create_engine(self.url, pool_pre_ping=True)
+            # A database that does not answer is refused after a few seconds, not a TCP timeout.
+            connect_args = {"connect_timeout": CONNECT_TIMEOUT_SECONDS}
+            if "connect_timeout" in self.url.query:
+                connect_args = {}
+            self.engine = sqlalchemy.create_engine(
+                self.url, pool_pre_ping=True, connect_args=connect_args
+            )
 
     # Writing.
 

@@ -235,6 +235,14 @@ def test_a_read_only_disk_is_503_and_predicting_goes_on(
         store.close()
 
 
+def test_a_database_that_is_down_is_503_and_predicting_goes_on(client, inbox, seven, monkeypatch):
+    down = CorrectionStore("postgresql+psycopg://digits@127.0.0.1:1/digits")  # nobody listens
+    monkeypatch.setattr(inbox, "store", down)
+    assert_refusal(send(client, data_url(seven), "7"), 503, "storage_unavailable")
+    assert client.post("/predict", json={"image": data_url(seven)}).status_code == 200
+    down.close()
+
+
 def test_a_full_disk_is_507_and_predicting_goes_on(client, inbox, seven, monkeypatch, tmp_path):
     with small_disk(tmp_path / "disk", size_kb=192) as disk:
         store = use_store(inbox, monkeypatch, disk / "feedback")
