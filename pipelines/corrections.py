@@ -169,9 +169,9 @@ def validate_label(label: str) -> str:
     if label == NOT_A_DIGIT_LABEL:
         return label
     if not label or len(label) > MAX_LABEL_DIGITS or not all(c in "0123456789" for c in label):
+        # The label itself is not repeated: a refusal never echoes what was sent.
         raise ValueError(
-            f"the label must be 1 to {MAX_LABEL_DIGITS} digits (0-9) or "
-            f"'{NOT_A_DIGIT_LABEL}', got {label[: MAX_LABEL_DIGITS + 1]!r}"
+            f"the label must be 1 to {MAX_LABEL_DIGITS} digits (0-9) or '{NOT_A_DIGIT_LABEL}'"
         )
     return label
 
@@ -274,7 +274,7 @@ class CorrectionStore:
                 if sent >= max_per_client:
                     raise ClientLimitReached(
                         f"at most {max_per_client} corrections per client within "
-                        f"{client_window}; try again later"
+                        f"{_duration(client_window)}; try again later"
                     )
             conn.execute(corrections_table.insert().values(**row))
         return row["id"]
@@ -477,6 +477,16 @@ def _is(id: str) -> Any:
 
 def _setting(key: str) -> Any:
     return select(settings_table.c.value).where(settings_table.c.key == key)
+
+
+def _duration(window: timedelta) -> str:
+    """'an hour', '10 minutes', '90 seconds'."""
+    seconds = int(window.total_seconds())
+    if seconds == 3600:
+        return "an hour"
+    if seconds % 60 == 0:
+        return f"{seconds // 60} minutes"
+    return f"{seconds} seconds"
 
 
 def _short(text: str | None) -> str | None:

@@ -139,9 +139,13 @@ def test_an_image_that_is_not_png_is_stored_as_png(client, store, mnist_test, ca
 # ---- Refusals --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("label", ["", "seven", "7.5", "-3", "1" * 25, "Not_A_Digit", " 7"])
+@pytest.mark.parametrize(
+    "label", ["", "seven", "7.5", "-3", "1" * 25, "Not_A_Digit", " 7", "<b>7</b>"]
+)
 def test_an_invalid_label_is_refused(client, store, seven, label):
-    assert_refusal(send(client, data_url(seven), label), 422, "invalid_label")
+    response = send(client, data_url(seven), label)
+    assert_refusal(response, 422, "invalid_label")
+    assert "<b>" not in response.text  # a refusal never echoes what was sent
     assert store.count() == 0
 
 
