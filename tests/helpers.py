@@ -31,7 +31,9 @@ class FastProject:
         """The environment a user would have: the venv first on PATH, embedded stores."""
         env = dict(os.environ)
         env.pop("MLFLOW_TRACKING_URI", None)
+        env.pop("DIGITS_FEEDBACK_URL", None)
         env.update(
+            DIGITS_FEEDBACK_DIR=str(self.root / "feedback"),  # a user's: in the project
             PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
             MNIST_MIRROR=str(SHARED_MNIST),
             OMNIGLOT_MIRROR=str(SHARED_OMNIGLOT),
