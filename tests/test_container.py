@@ -28,6 +28,7 @@ import httpx
 import pytest
 import yaml
 
+from pipelines.corrections import CorrectionStore
 from tests.conftest import BENTOML, data_url, free_port, render_canvas
 from tests.helpers import REPO as REPO_ROOT
 
@@ -199,8 +200,15 @@ def image(base_image: Future[str | None], bentoml_home: Path) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def container(image: str) -> Iterator[str]:
-    """The image running with host networking on a free port of 127.0.0.1; yields its URL."""
+def corrections_volume(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The host folder the container keeps its corrections in, as README's command mounts it."""
+    return tmp_path_factory.mktemp("container_feedback")
+
+
+@pytest.fixture(scope="module")
+def container(image: str, corrections_volume: Path) -> Iterator[str]:
+    """The image running with host networking on a free port of 127.0.0.1, its corrections in
+    `corrections_volume` (`:U` gives the folder to the container's user); yields its URL."""
     port = free_port()
     name = f"digits-test-{uuid.uuid4().hex[:12]}"
     podman(
@@ -216,6 +224,10 @@ def container(image: str) -> Iterator[str]:
         f"BENTOML_PORT={port}",
         "--env",
         "DIGITS_WORKERS=1",
+        "--volume",
+        f"{corrections_volume}:/feedback:U",
+        "--env",
+        "DIGITS_FEEDBACK_DIR=/feedback",
         image,
     )
     base_url = f"http://127.0.0.1:{port}"
@@ -264,6 +276,24 @@ def test_the_image_serves_predictions_info_and_the_page(container, mnist_test, b
     assert page.status_code == 200
     assert page.headers["content-type"].startswith("text/html")
     assert "<canvas" in page.text
+
+
+def test_the_image_keeps_corrections_in_the_mounted_folder(
+    container, corrections_volume, mnist_test
+):
+    images, labels = mnist_test
+    response = httpx.post(
+        f"{container}/feedback",
+        json={"image": data_url(render_canvas(images[0])), "label": str(labels[0])},
+        timeout=10,
+    )
+    assert response.status_code == 201, response.text
+    store = CorrectionStore.from_env({"DIGITS_FEEDBACK_DIR": str(corrections_volume)})
+    try:
+        [correction] = store.list()
+    finally:
+        store.close()
+    assert correction.id == response.json()["id"] and correction.label == str(labels[0])
 
 
 def test_the_image_holds_the_pinned_packages_and_no_package_cache(image):
