@@ -16,7 +16,8 @@ It prints, before and after: each style's share read right and refused, MNIST te
 held-out non-digits refused, and the users' test accuracy. Styles are drawn with strokes
 (jittered points, slant, size, position and pen width), like a mouse or finger on the page.
 The default preset trains as `dvc repro` does here (about 30 minutes on 2 cores per run);
-`--preset fast` uses the tests' preset (tests/fast_params.yaml) to check the loop in minutes.
+`--preset fast` uses the tests' preset (tests/fast_params.yaml) to check the loop in minutes;
+`--dvc-cache .dvc/cache` starts from the committed model instead of training a baseline.
 Data comes from MNIST_MIRROR / OMNIGLOT_MIRROR when set (as for `dvc repro`).
 """
 
@@ -156,7 +157,7 @@ def score_style(port: int, style: Style, images: Sequence[bytes]) -> StyleScore:
 class Clone:
     """A throw-away clone with its own stores, run the way a user runs the project."""
 
-    def __init__(self, folder: Path, preset: str) -> None:
+    def __init__(self, folder: Path, preset: str, dvc_cache: Path | None) -> None:
         self.folder = folder
         self.env = {
             **os.environ,
@@ -172,6 +173,9 @@ class Clone:
         subprocess.run(["git", "clone", "--quiet", str(REPO_ROOT), str(folder)], check=True)
         if preset == "fast":
             self.use_fast_params()
+        if dvc_cache is not None:  # start from the committed models, as after `dvc pull`
+            self.run("dvc", "cache", "dir", "--local", str(dvc_cache.resolve()))
+            self.run("dvc", "checkout")
 
     def use_fast_params(self) -> None:
         """tests/fast_params.yaml merged into params.yaml, section by section, and a gate
@@ -276,10 +280,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--test-drawings", type=int, default=200, help="fresh drawings per style")
     parser.add_argument("--style", choices=sorted(STYLES), help="default: the worst read")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/digits-feedback-loop"))
+    parser.add_argument(
+        "--dvc-cache",
+        type=Path,
+        help="a DVC cache holding the committed models (e.g. .dvc/cache after `dvc repro`): the "
+        "baseline is then the committed model instead of a first training (default preset)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
-    clone = Clone(args.workdir, args.preset)
+    clone = Clone(args.workdir, args.preset, args.dvc_cache)
     clone.env["DIGITS_FEEDBACK_PER_CLIENT_PER_HOUR"] = str(args.corrections + 10)  # one sender
     fresh = {name: drawings(style, args.test_drawings, seed=1000 + i)
              for i, (name, style) in enumerate(STYLES.items())}  # fmt: skip
