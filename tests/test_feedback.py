@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ from pipelines.feedback import FeedbackSettings, examples_of, split_of
 from pipelines.preprocessing import NOT_A_DIGIT
 from tests.conftest import serve
 from tests.helpers import REPO, SHARED_MNIST, FastProject, run_in
-from tests.test_web import Feedback, Glyph, centred, chromium, page_opener  # noqa: F401
+from tests.test_web import Feedback, Glyph, centred, launched_chromium, page_opener
 
 SETTINGS = FeedbackSettings.from_params(
     yaml.safe_load((REPO / "params.yaml").read_text())["feedback"]
@@ -209,13 +210,20 @@ def test_delete_removes_one_correction_or_everything_from_one_client(project, mn
 
 # ---- The whole loop: the page, a reviewer, the pipeline, the next champion -------------------
 
+
+@pytest.fixture
+def browser() -> Iterator[Browser]:
+    """Chromium for one test: closed with it, so later modules' event loops are their own."""
+    yield from launched_chromium()
+
+
 BOXY_SIX: Glyph = [[(0.7, 0.0), (0.0, 0.0), (0.0, 1.0), (0.7, 1.0), (0.7, 0.5), (0.0, 0.5)]]
 
 
 @pytest.mark.slow
 def test_a_correction_sent_from_the_page_and_accepted_trains_the_next_champion(
     fast_project: FastProject,
-    chromium: Browser,  # noqa: F811 (the fixture, imported from test_web)
+    browser: Browser,
     tmp_path: Path,
     request: pytest.FixtureRequest,
 ) -> None:
@@ -232,7 +240,7 @@ def test_a_correction_sent_from_the_page_and_accepted_trains_the_next_champion(
     with serve(
         project.bentoml_home, tmp_path, DIGITS_WORKERS="1", DIGITS_FEEDBACK_DIR=str(corrections_dir)
     ) as base_url:
-        pages = page_opener(chromium, base_url, request)
+        pages = page_opener(browser, base_url, request)
         drawing = next(pages)()
         feedback = Feedback(drawing)
         drawing.draw(centred(BOXY_SIX))

@@ -244,6 +244,13 @@ def sent_image(request: Request, mode: str = "L") -> np.ndarray:
 
 @pytest.fixture(scope="session")
 def chromium() -> Iterator[Browser]:
+    yield from launched_chromium()
+
+
+def launched_chromium() -> Iterator[Browser]:
+    """Debian's Chromium under Playwright, closed when the generator ends. While it runs,
+    Playwright's sync API keeps an event loop running in this thread (asyncio.run() fails):
+    other modules use it only within a fixture that ends with them."""
     if not CHROMIUM.exists():
         pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (scripts/setup --browser)")
     with sync_playwright() as playwright:
