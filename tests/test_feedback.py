@@ -139,11 +139,10 @@ def test_the_dataset_bytes_depend_only_on_the_accepted_set(project, mnist, tmp_p
     assert other.out.read_bytes() == first
 
 
-def test_each_drawing_keeps_its_split_and_every_split_is_used(mnist):
+def test_drawings_spread_over_the_splits_at_about_their_shares(mnist):
     images, labels = mnist
     keys = [examples_of(png_of(images[i]), str(labels[i])).key for i in range(200)]
     splits = [split_of(key, SETTINGS) for key in keys]
-    assert splits == [split_of(key, SETTINGS) for key in keys]
     shares = {split: splits.count(split) / len(splits) for split in ("train", "val", "test")}
     assert 0.55 <= shares["train"] <= 0.85 and shares["test"] >= 0.1 and shares["val"] >= 0.03
 
