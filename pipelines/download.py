@@ -22,7 +22,9 @@ Run it through DVC (`dvc repro download`) or directly:
         python -m pipelines.download   # local copies instead
 
 MNIST_MIRROR and OMNIGLOT_MIRROR (each a directory, a file:// URL or an http(s):// prefix)
-replace the mirrors listed under `download:` and `download.omniglot:` in params.yaml.
+replace the mirrors listed under `download:` and `download.omniglot:` in params.yaml. A local
+MNIST_MIRROR alone also serves the Omniglot zips from an `omniglot` folder beside it (a copy of
+both datasets side by side, like `../shared`), before the public mirrors.
 """
 
 from __future__ import annotations
@@ -214,6 +216,25 @@ def resolve_sources(mirrors: Sequence[str], override: str | None = None) -> list
             mirror = Path(mirror).resolve().as_uri()
         bases.append(mirror if mirror.endswith("/") else mirror + "/")
     return bases
+
+
+def omniglot_sources(mirrors: Sequence[str], environ: Mapping[str, str]) -> list[str]:
+    """OMNIGLOT_MIRROR alone if set; else an `omniglot` folder beside a local MNIST_MIRROR, if
+    there is one, then `mirrors`. Every file is checked against its SHA-256 wherever it is from."""
+    if environ.get("OMNIGLOT_MIRROR"):
+        return resolve_sources(mirrors, environ["OMNIGLOT_MIRROR"])
+    beside = _local_sibling(environ.get("MNIST_MIRROR", ""), "omniglot")
+    return resolve_sources(([str(beside)] if beside else []) + list(mirrors))
+
+
+def _local_sibling(mirror: str, name: str) -> Path | None:
+    """The directory `name` beside a local mirror (a path or a file:// URL), if it exists."""
+    if not mirror or mirror.startswith(("http://", "https://")):
+        return None
+    if mirror.startswith("file://"):
+        mirror = url2pathname(urlparse(mirror).path)
+    sibling = Path(mirror).resolve().parent / name
+    return sibling if sibling.is_dir() else None
 
 
 def _open(url: str, timeout: float) -> tuple[BinaryIO, int | None]:
@@ -595,6 +616,18 @@ def prepare_not_digits(raw_dir: Path, out: Path, settings: OmniglotSettings) -> 
     return {split: counts[split] for split in SPLITS}
 
 
+@contextlib.contextmanager
+def _naming_the_mirror_variable(variable: str) -> Iterator[None]:
+    """Add to a DownloadError how to point the stage at a copy of the files instead."""
+    try:
+        yield
+    except DownloadError as error:
+        raise DownloadError(
+            f"{error}. Without access to these sources, set {variable} to a directory (or a "
+            "file:// or http(s):// URL) holding a copy of the files"
+        ) from error
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the stage. A download, data or settings error ends it with one logged line, exit 1."""
     parser = argparse.ArgumentParser(description="Download and prepare MNIST and Omniglot.")
@@ -608,10 +641,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         settings = DownloadSettings.from_params(args.params)
         omniglot = OmniglotSettings.from_params(args.params)
         sources = resolve_sources(settings.mirrors, os.environ.get("MNIST_MIRROR"))
-        download_all(args.raw_dir, sources, settings)
+        with _naming_the_mirror_variable("MNIST_MIRROR"):
+            download_all(args.raw_dir, sources, settings)
         prepare(args.raw_dir, args.out, settings.validation_size, settings.split_seed)
-        sources = resolve_sources(omniglot.mirrors, os.environ.get("OMNIGLOT_MIRROR"))
-        download_all(args.raw_dir, sources, settings, OMNIGLOT_SHA256)
+        sources = omniglot_sources(omniglot.mirrors, os.environ)
+        with _naming_the_mirror_variable("OMNIGLOT_MIRROR"):
+            download_all(args.raw_dir, sources, settings, OMNIGLOT_SHA256)
         prepare_not_digits(args.raw_dir, args.not_digits_out, omniglot)
     except (DownloadError, ValueError) as error:
         logger.error("download stage failed: %s", error)

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage
 
 from pipelines.preprocessing import (
     INK_THRESHOLD,
@@ -36,10 +35,12 @@ from pipelines.preprocessing import (
     NoDigitError,
     ink_map,
     ink_to_input,
+    label_strokes,
     shrink_factor,
 )
 
 SAME_MARK_OVERLAP = 0.4  # strokes sharing this share of the narrower one's columns: one mark
+MARK_MARGIN = 16  # faint ink (soft edges) this near a mark's strokes (ink-map pixels) is its
 SPLIT_ASPECT = 1.1  # a mark at least this wide for its height may hold touching digits (at
 # 0.6, more touching pairs were split, but the unit tests' model read a scribble as digits)
 MAX_DIGIT_ASPECT = 1.3  # no piece of a split is wider than this for the mark's height
@@ -335,7 +336,7 @@ def _mark_masks(ink: np.ndarray) -> list[tuple[np.ndarray, Box]]:
     they share, each as a mask (its strokes, slightly widened to keep their anti-aliased edges)
     and its bounding box."""
     mask = ink >= INK_THRESHOLD
-    labels, count = ndimage.label(mask, structure=np.ones((3, 3)))
+    labels, count = label_strokes(mask)
     if count == 0:
         raise NoDigitError()
     masses = np.bincount(labels.ravel(), weights=ink.ravel(), minlength=count + 1)
@@ -344,8 +345,8 @@ def _mark_masks(ink: np.ndarray) -> list[tuple[np.ndarray, Box]]:
     keep = np.flatnonzero((masses >= SPECK_FRACTION * masses.sum()) & (pixels >= MIN_INK_PIXELS))
     if len(keep) == 0:
         raise NoDigitError()
-    slices = ndimage.find_objects(labels)
-    spans = sorted([slices[k - 1][1].start, slices[k - 1][1].stop, [k]] for k in keep)
+    lefts, rights = _column_spans(labels, count)
+    spans = sorted([lefts[k], rights[k], [k]] for k in keep)
     merged: list[list] = []
     for start, stop, members in spans:
         if merged:
@@ -365,14 +366,38 @@ def _mark_masks(ink: np.ndarray) -> list[tuple[np.ndarray, Box]]:
     boxes = [_stroke_box(np.isin(labels, members)) for _, _, members in merged]
     if len(merged) == 1:
         return [(np.ones(ink.shape, dtype=bool), boxes[0])]
-    owner = np.zeros(count + 1, dtype=np.int64)
+    owner = np.zeros(count + 1, dtype=np.int32)
     for number, (_, _, members) in enumerate(merged, start=1):
         owner[members] = number
-    nearest = ndimage.distance_transform_edt(
-        owner[labels] == 0, return_distances=False, return_indices=True
-    )
-    claimed = owner[labels[nearest[0], nearest[1]]]  # each pixel goes to the nearest stroke
+    claimed = _grow_into_unclaimed(owner[labels], ink > 0, MARK_MARGIN)
     return [(claimed == number, box) for number, box in enumerate(boxes, start=1)]
+
+
+def _column_spans(labels: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """First column and one past the last of each label (index 0, the background, unused)."""
+    columns = np.broadcast_to(np.arange(labels.shape[1]), labels.shape)[labels > 0]
+    numbers = labels[labels > 0]
+    lefts = np.full(count + 1, labels.shape[1])
+    rights = np.zeros(count + 1, dtype=np.int64)
+    np.minimum.at(lefts, numbers, columns)
+    np.maximum.at(rights, numbers, columns + 1)
+    return lefts, rights
+
+
+def _grow_into_unclaimed(claimed: np.ndarray, inked: np.ndarray, steps: int) -> np.ndarray:
+    """Give each unclaimed pixel (0) within `steps` pixels (diagonals count as one) of claimed
+    ones to the nearest of them, one ring at a time (where two meet, the higher number), until
+    no inked pixel is left unclaimed."""
+    height, width = claimed.shape
+    for _ in range(steps):
+        if not (inked & (claimed == 0)).any():
+            break
+        padded = np.pad(claimed, 1)
+        neighbours = np.max(
+            [padded[r : r + height, c : c + width] for r in range(3) for c in range(3)], axis=0
+        )
+        claimed = np.where(claimed == 0, neighbours, claimed)
+    return claimed
 
 
 def _piece(ink: np.ndarray, mask: np.ndarray, box: Box) -> np.ndarray:
@@ -400,7 +425,8 @@ def _may_hold_several(box: Box) -> bool:
 def _cut_columns(piece: np.ndarray) -> list[int]:
     """Up to MAX_CUTS columns where the least ink crosses the mark: where touching digits join."""
     height, width = piece.shape
-    profile = ndimage.uniform_filter1d(piece.sum(axis=0), size=3)
+    columns = np.pad(piece.sum(axis=0), 1, mode="symmetric")
+    profile = (columns[:-2] + columns[1:-1] + columns[2:]) / 3  # a 3-column moving average
     margin = max(1, round(MIN_PIECE_ASPECT * height))
     inner = np.arange(margin, width - margin)
     if len(inner) == 0:

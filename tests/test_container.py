@@ -40,6 +40,7 @@ BASE_IMAGE = "docker.io/library/python:3.11-slim"  # what `FROM python:3.11-slim
 STAND_IN_LABEL = "digits.stand-in"  # set on a stand-in base image, never on the real one
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 READY_TIMEOUT = 120.0  # seconds from `podman run` to /readyz answering 200
+MAX_ADDED_BYTES = 400e6  # the layers the bento adds on its base image, at most
 CLEAR_DIGITS = (0, 1, 2, 3)  # MNIST test images 7, 2, 1, 0: any working model reads them
 
 # What the slim Debian images configure, so that packages installed on the stand-in take the room
@@ -325,3 +326,19 @@ def test_the_image_holds_the_pinned_packages_and_no_package_cache(image):
 
     base, whole = total(BASE_IMAGE), total(image)
     log.info("%s: %.0f MB, of which %s %.0f MB", image, whole / 1e6, BASE_IMAGE, base / 1e6)
+    assert whole - base <= MAX_ADDED_BYTES, f"the bento adds {(whole - base) / 1e6:.0f} MB"
+
+
+def test_the_image_has_no_compilers_on_top_of_its_base(image):
+    """Every package is a wheel, so nothing is built in the image: BentoML's build tools for
+    Debian (build-essential, git, gnupg2: 306 MB) are not installed."""
+    found = podman(
+        "run",
+        "--rm",
+        "--entrypoint",
+        "sh",
+        image,
+        "-c",
+        "for tool in gcc cc make git gpg; do command -v $tool || true; done",
+    )
+    assert found.strip() == ""

@@ -253,6 +253,7 @@ def test_stage_exits_nonzero_with_one_error_line_when_no_source_has_the_files(tm
     errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR")]
     assert len(errors) == 1
     assert download.MNIST_FILES[0] in errors[0]
+    assert "set MNIST_MIRROR to a directory" in errors[0]  # says how to get past a firewall
     assert f"{empty.as_uri()}/{download.MNIST_FILES[0]}: not found" in errors[0]
     assert not (tmp_path / "mnist.npz").exists()
     assert listing(tmp_path / "raw") == []  # the temporary file was removed
@@ -277,6 +278,49 @@ def test_mnist_mirror_env_overrides_params_mirrors(
     assert prepared["x_train"].shape == (TRAIN_COUNT - VALIDATION_SIZE, 28, 28)
     not_digits = download.load_prepared(Path("data/prepared/not_digits.npz"))  # the default
     assert len(not_digits["images"]) == TINY_KEPT
+
+
+def test_a_local_mnist_mirror_alone_also_serves_the_omniglot_folder_beside_it(
+    tmp_path, mirror_dir, omniglot_dir, monkeypatch
+):
+    """A copy of both datasets side by side (like ../shared) needs only MNIST_MIRROR: the
+    newcomer's command works without knowing of the second variable."""
+    params = write_params(tmp_path / "params.yaml", ["https://unused.invalid/"])
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MNIST_MIRROR", "mirror")
+    monkeypatch.delenv("OMNIGLOT_MIRROR", raising=False)
+    download.main(["--params", str(params), "--raw-dir", "raw", "--out", "prepared/mnist.npz"])
+    for name in download.OMNIGLOT_SHA256:
+        assert (tmp_path / "raw" / name).read_bytes() == (omniglot_dir / name).read_bytes()
+
+
+def test_omniglot_sources_put_the_folder_beside_a_local_mnist_mirror_before_the_public_ones(
+    tmp_path,
+):
+    public = ["https://example.invalid/omniglot/"]
+    (tmp_path / "mnist").mkdir()
+    assert download.omniglot_sources(public, {"MNIST_MIRROR": str(tmp_path / "mnist")}) == public
+    (tmp_path / "omniglot").mkdir()
+    beside = (tmp_path / "omniglot").as_uri() + "/"
+    for mirror in (str(tmp_path / "mnist"), (tmp_path / "mnist").as_uri()):
+        assert download.omniglot_sources(public, {"MNIST_MIRROR": mirror}) == [beside, *public]
+    remote = {"MNIST_MIRROR": "https://example.invalid/mnist/"}
+    assert download.omniglot_sources(public, remote) == public
+    chosen = {"MNIST_MIRROR": str(tmp_path / "mnist"), "OMNIGLOT_MIRROR": str(tmp_path / "x")}
+    assert download.omniglot_sources(public, chosen) == [(tmp_path / "x").as_uri() + "/"]
+
+
+def test_missing_omniglot_zips_end_the_stage_naming_omniglot_mirror(
+    tmp_path, mirror_dir, monkeypatch, caplog
+):
+    params = write_params(tmp_path / "params.yaml", ["https://unused.invalid/"])
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MNIST_MIRROR", "mirror")  # no omniglot folder beside it
+    monkeypatch.delenv("OMNIGLOT_MIRROR", raising=False)
+    with pytest.raises(SystemExit), caplog.at_level(logging.ERROR):
+        download.main(["--params", str(params), "--raw-dir", "raw", "--out", "prepared/mnist.npz"])
+    assert "images_background_small1.zip" in caplog.text
+    assert "set OMNIGLOT_MIRROR to a directory" in caplog.text
 
 
 def test_rerun_skips_verified_files_without_any_request(tmp_path, mirror_dir, serve, caplog):

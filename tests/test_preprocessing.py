@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from PIL import Image, ImageDraw, ImageFilter
 from scipy import ndimage
 
+from pipelines import preprocessing
 from pipelines.download import read_idx
 from pipelines.preprocessing import (
     ImageError,
@@ -19,6 +20,7 @@ from pipelines.preprocessing import (
     decode_image,
     image_to_input,
     ink_to_input,
+    label_strokes,
 )
 from tests.helpers import SHARED_MNIST
 
@@ -231,3 +233,40 @@ def test_any_decodable_image_gives_valid_input_or_a_clear_error(width, height, m
     assert result.shape == (28, 28)
     assert np.isfinite(result).all()
     assert result.min() >= 0.0 and result.max() <= 1.0
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    height=st.integers(1, 40),
+    width=st.integers(1, 40),
+    density=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_strokes_are_numbered_as_scipy_numbers_them(height, width, density, seed):
+    """The server's image has no SciPy: its labelling must give SciPy's labels, number for
+    number (8-connected, in raster order), on any mask."""
+    mask = np.random.default_rng(seed).random((height, width)) < density
+    expected, expected_count = ndimage.label(mask, structure=np.ones((3, 3)))
+    labels, count = label_strokes(mask)
+    assert count == expected_count
+    assert np.array_equal(labels, expected)
+
+
+def test_strokes_touching_only_at_a_corner_or_winding_back_are_one():
+    mask = np.zeros((9, 9), dtype=bool)
+    mask[0, 0] = mask[1, 1] = True  # a diagonal step
+    mask[3:8, 2] = mask[3:8, 6] = mask[7, 2:7] = True  # a U: its arms meet only at the bottom
+    mask[3, 8] = True  # alone
+    labels, count = label_strokes(mask)
+    assert count == 3
+    assert labels[0, 0] == labels[1, 1] == 1
+    assert labels[3, 2] == labels[3, 6] == 2 and labels[3, 8] == 3
+
+
+@settings(max_examples=200, deadline=None)
+@given(height=st.integers(1, 28), width=st.integers(1, 28), seed=st.integers(0, 2**32 - 1))
+def test_the_centre_of_mass_is_scipys_to_the_last_bit(height, width, seed):
+    """Digits are placed by their centre of mass; a rounding apart from SciPy's would move some
+    by a pixel and change the model's input from the one it was trained on."""
+    digit = np.random.default_rng(seed).random((height, width), dtype=np.float32)
+    assert preprocessing._centre_of_mass(digit) == tuple(ndimage.center_of_mass(digit))
