@@ -30,6 +30,13 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 MLFLOW = REPO / ".venv" / "bin" / "mlflow"
 TERMINAL_COLUMNS = 200  # the widest terminal `dvc exp show` may need
+# README's compact view: the headline figures and the network's shape
+COMPACT_EXP_SHOW = (
+    "--drop",
+    ".*",
+    "--keep",
+    r"^(Experiment|Created|[a-z_]+_(accuracy|refused|error)|train\.(epochs|filters|members))$",
+)
 SERVER_START_TIMEOUT = 90.0  # seconds; `mlflow server` starts in ~5 s, more on busy cores
 UI_TIMEOUT_MS = 30_000  # the UI loads its scripts and asks the server for each panel
 
@@ -141,6 +148,10 @@ def test_dvc_exp_show_puts_every_headline_figure_in_the_first_200_columns(
     for name, value in metrics.items():
         assert f" {name} " in f"{header} ", f"{name} is not in view:\n{result.stdout[:4000]}"
         assert f" {value} " in f"{workspace} ", f"{name}'s value is not in view"
+
+    compact = run_in(fast_project, "dvc", "exp", "show", "--no-fetch", *COMPACT_EXP_SHOW).stdout
+    assert max(len(line.rstrip()) for line in compact.splitlines()) <= TERMINAL_COLUMNS
+    assert " test_accuracy " in compact and " train.epochs " in compact
 
 
 @contextlib.contextmanager
