@@ -139,6 +139,7 @@ def test_training_killed_part_way_changes_nothing_and_the_next_repro_completes(f
     champion = client.get_model_version_by_alias("digits-cnn", "champion")
     params = yaml.safe_load((fast_project.root / "params.yaml").read_text())
     params["train"]["seed"] += 1
+    params["train"]["max_train_images"] = 3000  # a model is not the point here: a quick one
     (fast_project.root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     repro = subprocess.Popen(
