@@ -58,6 +58,7 @@ from PIL import Image
 from scipy import ndimage
 from tqdm import tqdm
 
+from pipelines.letters import LetterSettings, draw_letters
 from pipelines.preprocessing import DIGIT_BOX, ImageError, ink_to_input
 
 logger = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ OMNIGLOT_SHA256: Mapping[str, str] = MappingProxyType(
     }
 )
 SPLITS = ("train", "validation", "test")
+LETTERS_ALPHABET = "Letters"  # the drawn letters and symbols (pipelines.letters) in not_digits.npz
 # The eight neighbours of a pixel as (row, col) offsets, clockwise from north (Zhang-Suen's
 # P2..P9); neighbour i sets bit i of a pixel's neighbourhood code.
 NEIGHBOURS = ((-1, 0), (-1, 1), (0, 1), (1, 1), (1, 0), (1, -1), (0, -1), (-1, -1))
@@ -571,20 +573,31 @@ def drawings_to_inputs(drawings: Sequence[Drawing], widths: Sequence[float]) -> 
     """Redraw each drawing with its stroke width and pass it through the preprocessing contract,
     the service's own: uint8 (N, 28, 28), scaled by 255 and rounded like MNIST's bytes."""
     centres = skeleton(np.stack([ink_mask(drawing.png) for drawing in drawings]))
-    images = np.empty((len(drawings), IMAGE_SIDE, IMAGE_SIDE), dtype=np.uint8)
-    for index, (drawing, centre, width) in enumerate(zip(drawings, centres, widths, strict=True)):
+    names = [f"{drawing.character} drawer {drawing.drawer}" for drawing in drawings]
+    return centres_to_inputs(centres, widths, names)
+
+
+def centres_to_inputs(
+    centres: Sequence[np.ndarray], widths: Sequence[float], names: Sequence[str]
+) -> np.ndarray:
+    """Redraw one-pixel centre lines with round pens of the given widths and pass them through
+    the preprocessing contract; `names` say which drawing failed."""
+    images = np.empty((len(centres), IMAGE_SIDE, IMAGE_SIDE), dtype=np.uint8)
+    for index, (centre, width, name) in enumerate(zip(centres, widths, names, strict=True)):
         try:
             model_input = ink_to_input(pen_ink(centre, float(width)))  # (28, 28) in [0, 1]
         except (ImageError, OmniglotFormatError) as error:
-            message = f"{drawing.character} drawer {drawing.drawer}: {error}"
-            raise OmniglotFormatError(message) from error
+            raise OmniglotFormatError(f"{name}: {error}") from error
         images[index] = np.round(model_input * 255).astype(np.uint8)
     return images
 
 
-def prepare_not_digits(raw_dir: Path, out: Path, settings: OmniglotSettings) -> dict[str, int]:
+def prepare_not_digits(
+    raw_dir: Path, out: Path, settings: OmniglotSettings, letters: LetterSettings | None = None
+) -> dict[str, int]:
     """Read the Omniglot zips, drop the digit-like characters, redraw, preprocess, split by
-    alphabet and write one .npz to `out`. Returns the number of drawings per split."""
+    alphabet, add the drawn letters and symbols (training only) and write one .npz to `out`.
+    Returns the number of drawings per split."""
     drawings = read_drawings([raw_dir / name for name in OMNIGLOT_SHA256])
     kept = without_characters(drawings, settings.exclude)
     logger.info(
@@ -603,6 +616,9 @@ def prepare_not_digits(raw_dir: Path, out: Path, settings: OmniglotSettings) -> 
         "drawer": np.array([drawing.drawer for drawing in kept], dtype=np.int32),
         "split": np.array(split_of(alphabets, settings), dtype=str),
     }
+    if letters is not None and letters.drawings > 0:
+        widths = rng.uniform(*settings.stroke_width, size=letters.drawings)
+        arrays = _with_letters(arrays, letters, widths)
     write_npz(out, arrays)
     counts = Counter(arrays["split"].tolist())
     measured = np.percentile(stroke_width(arrays["images"]), [25, 50, 75])
@@ -614,6 +630,29 @@ def prepare_not_digits(raw_dir: Path, out: Path, settings: OmniglotSettings) -> 
         *measured,
     )
     return {split: counts[split] for split in SPLITS}
+
+
+def _with_letters(
+    arrays: dict[str, np.ndarray], settings: LetterSettings, widths: np.ndarray
+) -> dict[str, np.ndarray]:
+    """The Omniglot arrays followed by the drawn letters and symbols, all in the train split:
+    held-out alphabets alone choose and test the refusal threshold."""
+    drawn = draw_letters(settings)
+    names = [f"{letter.font} {letter.character!r}" for letter in drawn]
+    logger.info(
+        "letters: %d drawings of %d characters in %d fonts",
+        len(drawn),
+        len(settings.characters),
+        len(settings.fonts),
+    )
+    extra = {
+        "images": centres_to_inputs([letter.centre for letter in drawn], widths, names),
+        "alphabet": np.full(len(drawn), LETTERS_ALPHABET),
+        "character": np.array([f"{LETTERS_ALPHABET}/{name}" for name in names], dtype=str),
+        "drawer": np.arange(len(drawn), dtype=np.int32),
+        "split": np.full(len(drawn), "train"),
+    }
+    return {key: np.concatenate([arrays[key], extra[key]]) for key in arrays}
 
 
 @contextlib.contextmanager
@@ -640,6 +679,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         settings = DownloadSettings.from_params(args.params)
         omniglot = OmniglotSettings.from_params(args.params)
+        letters = LetterSettings.from_params(args.params)
         sources = resolve_sources(settings.mirrors, os.environ.get("MNIST_MIRROR"))
         with _naming_the_mirror_variable("MNIST_MIRROR"):
             download_all(args.raw_dir, sources, settings)
@@ -647,7 +687,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         sources = omniglot_sources(omniglot.mirrors, os.environ)
         with _naming_the_mirror_variable("OMNIGLOT_MIRROR"):
             download_all(args.raw_dir, sources, settings, OMNIGLOT_SHA256)
-        prepare_not_digits(args.raw_dir, args.not_digits_out, omniglot)
+        prepare_not_digits(args.raw_dir, args.not_digits_out, omniglot, letters)
     except (DownloadError, ValueError) as error:
         logger.error("download stage failed: %s", error)
         raise SystemExit(1) from error

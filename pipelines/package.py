@@ -6,9 +6,9 @@ Run with `python -m pipelines.package` (the last stage of `dvc repro`). It
    the model from git and DVC (a fresh clone, `dvc pull`) rather than by training, the run is
    recorded from the model file and its reports (see `tracking.ensure_model_run`);
 2. picks the best finished run of experiment `digits` by validation accuracy (never by test
-   accuracy), among runs trained on the current data (MNIST and the users' accepted
-   corrections) and the current preprocessing contract, so an old incompatible run, or one that
-   never saw the corrections, can never win;
+   accuracy), among runs trained on the current data (MNIST, the non-digit drawings and the
+   users' accepted corrections) and the current preprocessing contract, so an old
+   incompatible run, or one that never saw the corrections, can never win;
 3. registers that run's model as a version of `digits-cnn` unless it is registered already;
 4. moves the alias `champion` to it only through a quality gate: test accuracy at least
    `package.min_test_accuracy`, and no worse than the current champion beyond
@@ -78,9 +78,11 @@ class PackageSettings:
     user_tolerance: float
 
 
-def find_best_run(client: MlflowClient, data_hash: str, corrections: str) -> Run:
+def find_best_run(
+    client: MlflowClient, data_hash: str, corrections: str, not_digits: str | None = None
+) -> Run:
     """The finished, evaluated run with the best validation accuracy on this data (MNIST's hash,
-    the corrections' hash) and contract."""
+    the corrections' hash and, when given, the non-digit drawings' hash) and contract."""
     experiment = client.get_experiment_by_name(tracking.EXPERIMENT)
     if experiment is None:
         raise PackageError(f"no MLflow experiment '{tracking.EXPERIMENT}': run the train stage")
@@ -91,6 +93,7 @@ def find_best_run(client: MlflowClient, data_hash: str, corrections: str) -> Run
             f"and tags.{tracking.CORRECTIONS_TAG} = '{corrections}' "
             f"and tags.preprocessing_version = '{PREPROCESSING_VERSION}' "
             "and attributes.status = 'FINISHED' and metrics.test_accuracy >= 0"
+            + (f" and tags.{tracking.NOT_DIGITS_TAG} = '{not_digits}'" if not_digits else "")
         ),
         order_by=["metrics.val_accuracy DESC", "attributes.start_time DESC"],
         max_results=1,
@@ -278,10 +281,14 @@ def import_to_bentoml(version: ModelVersion, run: Run, probe_images: np.ndarray)
 
 
 def promote_best(
-    client: MlflowClient, data_hash: str, users: Path | None, settings: PackageSettings
+    client: MlflowClient,
+    data_hash: str,
+    users: Path | None,
+    settings: PackageSettings,
+    not_digits: str | None = None,
 ) -> str:
     """Steps 2-4 of the module docstring; returns what happened, for the log."""
-    candidate = find_best_run(client, data_hash, tracking.corrections_hash(users))
+    candidate = find_best_run(client, data_hash, tracking.corrections_hash(users), not_digits)
     version = register(client, candidate)
     champion = current_champion(client)
     if champion is not None and champion.version == version.version:
@@ -332,7 +339,9 @@ def record_pipeline_model(args: argparse.Namespace, params: dict) -> None:
         **tracking.train_scores(json.loads(args.train_metrics.read_text())),
         **tracking.evaluation_scores(json.loads(args.metrics.read_text())),
     }
-    run = tracking.ensure_model_run(args.model, args.data, params, scores, args.corrections)
+    run = tracking.ensure_model_run(
+        args.model, args.data, params, scores, args.corrections, args.not_digits
+    )
     log.info("the pipeline's model is run %s (%s)", run.info.run_id, run.info.run_name)
 
 
@@ -340,6 +349,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--data", type=Path, default=Path("data/prepared/mnist.npz"))
+    parser.add_argument("--not-digits", type=Path, default=Path("data/prepared/not_digits.npz"))
     parser.add_argument("--corrections", type=Path, help="users' accepted corrections (npz)")
     parser.add_argument("--model", type=Path, default=Path("models/model.keras"))
     parser.add_argument("--train-metrics", type=Path, default=Path("reports/train.json"))
@@ -356,7 +366,8 @@ def main() -> None:
     try:
         if args.version is None:
             record_pipeline_model(args, params)
-            decision = promote_best(client, data_hash, args.corrections, settings)
+            not_digits = file_md5(args.not_digits) if args.not_digits.exists() else None
+            decision = promote_best(client, data_hash, args.corrections, settings, not_digits)
         else:
             decision = roll_back(client, args.version, data_hash)
         log.info(decision)

@@ -40,6 +40,7 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 MODEL_ARTIFACT = "model"
 KERAS_FILE_IN_ARTIFACT = "data/model.keras"  # where the mlflow.keras flavor keeps the file
 CORRECTIONS_TAG = "corrections_hash"  # which users' corrections (feedback stage) a model saw
+NOT_DIGITS_TAG = "not_digits_hash"  # which "not a digit" drawings (download stage) it learnt
 MODEL_MD5_TAG = "model_md5"  # ties a run to the exact model file that DVC versions
 # MLflow 3's UI opens an experiment on the view its kind names; without this tag it guesses the
 # GenAI traces view, empty here. The value is the UI's name for "model training".
@@ -173,13 +174,16 @@ def corrections_hash(path: Path | None) -> str:
     return file_md5(path) if path is not None else "none"
 
 
-def lineage_tags(data_hash: str, corrections: str = "none") -> dict[str, str]:
-    """Tags that say which data (MNIST's hash, the corrections' hash) and which input contract
-    a run was trained on."""
+def lineage_tags(
+    data_hash: str, corrections: str = "none", not_digits: str = "none"
+) -> dict[str, str]:
+    """Tags that say which data (MNIST's hash, the corrections' hash, the non-digit drawings'
+    hash) and which input contract a run was trained on."""
     return {
         "git_commit": git_commit(),
         "data_hash": data_hash,
         CORRECTIONS_TAG: corrections,
+        NOT_DIGITS_TAG: not_digits,
         "preprocessing_version": PREPROCESSING_VERSION,
         "input_shape": "x".join(map(str, INPUT_SHAPE)),
     }
@@ -220,6 +224,7 @@ def ensure_model_run(
     params: dict[str, Any],
     metrics: dict[str, float],
     corrections_path: Path | None = None,
+    not_digits_path: Path | None = None,
 ) -> Run:
     """The MLflow run of this model, holding at least `metrics`; recorded anew when missing.
 
@@ -236,7 +241,11 @@ def ensure_model_run(
         with start_run(run_name="imported") as started:
             mlflow.set_tags(
                 {
-                    **lineage_tags(file_md5(data_path), corrections_hash(corrections_path)),
+                    **lineage_tags(
+                        file_md5(data_path),
+                        corrections_hash(corrections_path),
+                        file_md5(not_digits_path) if not_digits_path else "none",
+                    ),
                     MODEL_MD5_TAG: file_md5(model_path),
                     "source": "model file versioned by DVC",
                 }

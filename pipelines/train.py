@@ -8,7 +8,8 @@ kept; the validation split chooses only the softmax temperature that calibrates 
 probabilities and the threshold for "not a digit", and the test set is never touched here.
 
 The model has an eleventh class, NOT_A_DIGIT, learnt from the non-digit drawings the download
-stage prepares (Omniglot characters of the training alphabets) and from synthetic scribbles. How
+stage prepares (Omniglot characters of the training alphabets, letters and symbols drawn from
+pen-stroke fonts), from synthetic scribbles and from two or three digits drawn touching. How
 readily it answers that class is fitted last, on held-out alphabets and MNIST validation digits:
 the largest push towards "not a digit" that refuses at most `max_digit_refusal` of the
 validation digits, folded into the classifier's bias so the saved model decides by itself.
@@ -50,6 +51,7 @@ from PIL import Image, ImageDraw
 
 from pipelines import tracking
 from pipelines.download import file_md5, load_prepared
+from pipelines.drawing import render_number
 from pipelines.model import build_ensemble, build_model, divide_logits, raise_logit
 from pipelines.preprocessing import (
     CLASSES,
@@ -57,10 +59,15 @@ from pipelines.preprocessing import (
     NOT_A_DIGIT,
     PREPROCESSING_VERSION,
     as_batch,
+    ink_map,
     ink_to_input,
 )
 
 log = logging.getLogger("train")
+
+JOINED_CANVAS = (840, 280)  # the pad joined digits are drawn on: the evaluate stage's numbers'
+JOINED_PAIRS = 0.7  # share of joined drawings with two digits; the rest have three
+JOINED_TOUCHING = 0.7  # share of joins where the inks touch; the rest overlap a little
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +92,7 @@ class TrainSettings:
     not_digit_share: float  # share of each epoch's images that are not digits
     corrections_weight: int  # times each accepted user drawing is seen per epoch
     scribbles: int  # synthetic scribbles added to the non-digit drawings
+    joined_digits: int  # drawings of 2-3 touching training digits added to the non-digits
     max_digit_refusal: float  # share of validation digits the "not a digit" threshold may refuse
 
     @classmethod
@@ -280,13 +288,39 @@ def scribbles(count: int, seed: int) -> np.ndarray:
     return images
 
 
+def joined_digits(digits: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """`count` drawings of two or three MNIST training digits whose ink touches or overlaps,
+    drawn as the page's pad would show a number (`pipelines.drawing`) and read as one mark.
+
+    One mark holding several digits is not one digit: trained as NOT_A_DIGIT, these teach the
+    model to refuse such a mark, so that the reader prefers splitting it into digits
+    (`pipelines.segmentation` weighs the whole mark against every split of it).
+    """
+    rng = np.random.default_rng(seed)
+    images = np.empty((count, *INPUT_SHAPE[:2]), dtype=np.float32)
+    for index in range(count):
+        length = 2 if rng.random() < JOINED_PAIRS else 3
+        chosen = digits[rng.integers(0, len(digits), size=length)]
+        number = render_number(
+            chosen,
+            np.zeros(length, dtype=np.int64),  # labels: unused, the drawing is not a digit
+            JOINED_CANVAS,
+            touching=JOINED_TOUCHING,
+            overlapping=1.0 - JOINED_TOUCHING,
+            rng=rng,
+        )
+        images[index] = ink_to_input(ink_map(number.image))
+    return images
+
+
 def load_data(
     mnist: Path, not_digits: Path, corrections: Path | None, settings: TrainSettings
 ) -> dict[str, np.ndarray]:
     """Training and validation images as float inputs in [0, 1] with labels, non-digits
-    labelled NOT_A_DIGIT: MNIST's splits, the non-digit drawings' (by alphabet), scribbles
-    repeated to make `not_digit_share` of the training images, and users' accepted
-    corrections (train split repeated `corrections_weight` times; validation split as is)."""
+    labelled NOT_A_DIGIT: MNIST's splits, the non-digit drawings' (by alphabet), scribbles and
+    joined digits, repeated to make at least `not_digit_share` of the training images, and
+    users' accepted corrections (train split repeated `corrections_weight` times; validation
+    split as is)."""
     (x_train, y_train), (x_val, y_val) = _load_without_corrections(mnist, not_digits, settings)
     if corrections is not None:
         users = load_prepared(corrections)
@@ -315,6 +349,7 @@ def _load_without_corrections(
         [
             others["images"][others["split"] == "train"].astype(np.float32) / 255.0,
             scribbles(settings.scribbles, settings.seed),
+            joined_digits(digits["x_train"][:count], settings.joined_digits, settings.seed),
         ]
     )
     wanted = settings.not_digit_share / (1.0 - settings.not_digit_share) * count
@@ -602,7 +637,9 @@ def main() -> None:
     data = load_data(*data_paths, settings)
     data_hash = file_md5(args.data)
 
-    lineage = tracking.lineage_tags(data_hash, tracking.corrections_hash(args.corrections))
+    lineage = tracking.lineage_tags(
+        data_hash, tracking.corrections_hash(args.corrections), file_md5(args.not_digits)
+    )
     datasets = {"mnist": args.data, "not_digits": args.not_digits}
     if args.corrections is not None:
         datasets["corrections"] = args.corrections

@@ -94,3 +94,20 @@ def make_fast_project(
     ):
         run_in(project, *command)
     return project
+
+
+def letter_settings(**overrides: object):
+    """Small `download.letters` settings for tests: two fonts, four characters."""
+    from pipelines.letters import LetterSettings
+
+    values = dict(
+        fonts=("futural", "scripts"),
+        characters="ERT+",
+        drawings=16,
+        rotation_degrees=12.0,
+        slant=0.3,
+        stretch=0.25,
+        wobble=0.04,
+        seed=17,
+    )
+    return LetterSettings(**(values | overrides))

@@ -232,6 +232,9 @@ def write_params(path: Path, mirrors: list[str]) -> Path:
         "    mirrors: [https://unused.invalid/]\n"
         "    validation_alphabets: [Beta]\n    test_alphabets: [Gamma]\n"
         "    exclude: [Alpha/character02]\n    stroke_width: [1.7, 3.3]\n    stroke_seed: 5\n"
+        "  letters:\n    fonts: [futural]\n    characters: ER\n    drawings: 4\n"
+        "    rotation_degrees: 12\n    slant: 0.3\n    stretch: 0.25\n    wobble: 0.04\n"
+        "    seed: 17\n"
     )
     return path
 
@@ -277,7 +280,9 @@ def test_mnist_mirror_env_overrides_params_mirrors(
     prepared = download.load_prepared(tmp_path / "prepared" / "mnist.npz")
     assert prepared["x_train"].shape == (TRAIN_COUNT - VALIDATION_SIZE, 28, 28)
     not_digits = download.load_prepared(Path("data/prepared/not_digits.npz"))  # the default
-    assert len(not_digits["images"]) == TINY_KEPT
+    omniglot = not_digits["alphabet"] != download.LETTERS_ALPHABET
+    assert omniglot.sum() == TINY_KEPT
+    assert set(not_digits["split"][~omniglot]) == {"train"} and (~omniglot).sum() == 4
 
 
 def test_a_local_mnist_mirror_alone_also_serves_the_omniglot_folder_beside_it(

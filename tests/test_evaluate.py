@@ -17,6 +17,7 @@ from pipelines.evaluate import (
     describe_reading,
     evaluate_numbers,
     input_boxes,
+    letters_refused,
     log_loss,
     misclassified_grid,
     number_scores,
@@ -29,6 +30,7 @@ from pipelines.evaluate import (
 )
 from pipelines.preprocessing import CLASSES, NOT_A_DIGIT
 from pipelines.segmentation import Box, Classifier, read_marks
+from tests.helpers import letter_settings
 
 CANVAS = (840, 280)
 SETTINGS = {
@@ -45,6 +47,9 @@ SETTINGS = {
     "number_overlapping": 0.1,
     "number_seed": 13,
     "number_examples": 4,
+    "letter_fonts": ["cursive", "futuram"],
+    "letter_samples": 12,
+    "letter_seed": 19,
 }
 
 
@@ -293,6 +298,24 @@ def test_numbers_grid_colours_right_green_and_wrong_red(test_digits):
     for marks, colour in ((right, (0, 140, 0)), (wrong, (200, 0, 0))):
         pixels = np.asarray(numbers_grid([(number, marks)]).convert("RGB")).reshape(-1, 3)
         assert (pixels == colour).all(axis=1).any()
+
+
+def test_letters_refused_draws_the_training_characters_in_unseen_fonts_and_counts_refusals():
+    letters = letter_settings(fonts=("futural",), characters="ER", drawings=100)
+    settings = EvaluateSettings.from_params(SETTINGS)
+    seen = []
+
+    def refuse_the_first_half(inputs: np.ndarray) -> np.ndarray:
+        seen.append(inputs)
+        answers = np.full(len(inputs), 3)
+        answers[: len(inputs) // 2] = NOT_A_DIGIT
+        return np.eye(CLASSES)[answers]
+
+    shares = letters_refused(refuse_the_first_half, letters, (1.7, 3.3), settings)
+    assert seen[0].shape == (12, 28, 28) and 0.99 < seen[0].max() <= 1.0
+    # glyphs in turn, cursive E and R then futuram E and R: the first six drawings are four
+    # cursive ones and two futuram ones
+    assert shares == {"refused": 0.5, "cursive": 0.6667, "futuram": 0.3333}
 
 
 def test_settings_reject_single_digit_numbers():

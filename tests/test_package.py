@@ -64,6 +64,7 @@ class Store:
         data_hash: str | None = None,
         corrections: str = "none",
         answer: int | None = None,
+        not_digits: str = "none",
     ) -> str:
         """A finished, evaluated run holding a small real Keras model, which becomes the
         pipeline's model (`model.keras` and its reports), as after train and evaluate. With
@@ -76,7 +77,9 @@ class Store:
             model.layers[-1].set_weights([weights * 0, np.eye(10)[answer] * 10])
         tracking.save_keras_reproducibly(model, self.model)
         with mlflow.start_run() as run:
-            mlflow.set_tags(tracking.lineage_tags(data_hash or file_md5(self.data), corrections))
+            mlflow.set_tags(
+                tracking.lineage_tags(data_hash or file_md5(self.data), corrections, not_digits)
+            )
             mlflow.set_tag(tracking.MODEL_MD5_TAG, file_md5(self.model))
             mlflow.log_metrics({"val_accuracy": val, "test_accuracy": test})
             tracking.log_keras_model(model, np.zeros((1, 28, 28), dtype=np.uint8))
@@ -251,6 +254,17 @@ def test_run_on_other_data_is_never_picked(store):
     current = store.log_run(val=0.990, test=0.990)
     store.log_run(val=0.999, test=0.999, data_hash="0" * 32)
     assert store.package().returncode == 0
+    assert store.champion_run() == current
+
+
+def test_run_trained_on_other_non_digit_drawings_is_never_picked(store):
+    """New "not a digit" drawings make a new dataset: the model trained on them is served,
+    even when one trained on the old drawings scored better on validation."""
+    drawings = store.root / "not_digits.npz"
+    np.savez(drawings, images=np.zeros((2, 28, 28), dtype=np.uint8))
+    store.log_run(val=0.999, test=0.999, not_digits="0" * 32)
+    current = store.log_run(val=0.990, test=0.990, not_digits=file_md5(drawings))
+    assert store.package("--not-digits", str(drawings)).returncode == 0
     assert store.champion_run() == current
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import zlib
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from pipelines.preprocessing import (
     bytes_to_input,
     decode_image,
     image_to_input,
+    ink_map,
     ink_to_input,
     label_strokes,
 )
@@ -270,3 +272,85 @@ def test_the_centre_of_mass_is_scipys_to_the_last_bit(height, width, seed):
     by a pixel and change the model's input from the one it was trained on."""
     digit = np.random.default_rng(seed).random((height, width), dtype=np.float32)
     assert preprocessing._centre_of_mass(digit) == tuple(ndimage.center_of_mass(digit))
+
+
+def rgba_png(pixels: np.ndarray, **options) -> bytes:
+    return png_bytes(Image.fromarray(pixels, mode="RGBA"), **options)
+
+
+def decoded_by_pillow(data: bytes) -> np.ndarray:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return np.asarray(image)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    width=st.integers(1, 300),
+    height=st.integers(1, 120),
+    seed=st.integers(0, 2**32 - 1),
+    level=st.sampled_from([0, 1, 6, 9]),
+)
+def test_the_pages_rgba_pngs_decode_pixel_for_pixel_as_pillow_decodes_them(
+    width, height, seed, level
+):
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, size=(height, width, 4), dtype=np.uint8)
+    pixels[rng.random((height, width)) < 0.5] = 0  # runs of background, as drawings have
+    data = rgba_png(pixels, compress_level=level)
+    decoded = decode_image(data)
+    assert decoded.mode == "RGBA" and decoded.size == (width, height)
+    assert np.array_equal(np.asarray(decoded), decoded_by_pillow(data))
+
+
+def test_a_damaged_rgba_png_is_refused_as_corrupt_not_decoded_half():
+    pixels = np.random.default_rng(0).integers(0, 256, size=(60, 80, 4), dtype=np.uint8)
+    data = rgba_png(pixels)
+    idat = data.index(b"IDAT")
+    flipped = bytearray(data)
+    flipped[idat + 40] ^= 0xFF  # pixel data no longer matches its checksum
+    for damaged in (data[: len(data) // 2], bytes(flipped)):
+        with pytest.raises(ImageError) as caught:
+            decode_image(damaged)
+        assert caught.value.reason == "corrupt_image"
+
+
+def test_16_bit_rgba_pngs_still_decode_through_pillow():
+    pixels = np.random.default_rng(1).integers(0, 256, size=(30, 40, 4), dtype=np.uint8)
+    wide = np.zeros((30, 40, 4), dtype=">u2")
+    wide[..., :] = pixels.astype(">u2") * 257
+    header = b"\x89PNG\r\n\x1a\n"
+    deep = header + png_chunk(
+        b"IHDR", (40).to_bytes(4, "big") + (30).to_bytes(4, "big") + bytes([16, 6, 0, 0, 0])
+    )
+    rows = b"".join(b"\x00" + row.tobytes() for row in wide)
+    deep += png_chunk(b"IDAT", zlib.compress(rows)) + png_chunk(b"IEND", b"")
+    assert np.array_equal(np.asarray(decode_image(deep)), pixels)
+
+
+def png_chunk(kind: bytes, body: bytes) -> bytes:
+    return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    width=st.integers(4, 1200),
+    height=st.integers(4, 600),
+    seed=st.integers(0, 2**32 - 1),
+    mode=st.sampled_from(["RGBA", "LA"]),
+)
+def test_an_opaque_drawing_reads_the_same_ink_as_without_its_alpha_channel(
+    width, height, seed, mode
+):
+    """The page's white pad sends opaque RGBA: its colours alone hold the drawing."""
+    rng = np.random.default_rng(seed)
+    colours = np.full((height, width, 3), 255, dtype=np.uint8)
+    colours[rng.random((height, width)) < 0.1] = rng.integers(0, 256, size=3, dtype=np.uint8)
+    opaque = np.full((height, width, 1), 255, dtype=np.uint8)
+    if mode == "RGBA":
+        image, without = Image.fromarray(np.dstack([colours, opaque]), "RGBA"), colours
+        without = Image.fromarray(without, "RGB")
+    else:
+        image = Image.fromarray(np.dstack([colours[..., :1], opaque]), "LA")
+        without = Image.fromarray(colours[..., 0], "L")
+    assert np.array_equal(ink_map(image), ink_map(without))

@@ -21,6 +21,7 @@ from pipelines.train import (
     early_weights_in_average,
     fit_refusal_shift,
     fit_temperature,
+    joined_digits,
     load_data,
     random_affine,
     random_thickness,
@@ -152,6 +153,25 @@ def test_refusal_threshold_refuses_as_many_non_digits_as_the_digit_budget_allows
     assert loose > strict  # a larger budget refuses more
 
 
+def test_joined_digits_are_reproducible_inputs_holding_several_digits_side_by_side():
+    digits, _ = read_split(SHARED_MNIST, "t10k")
+    first, again = joined_digits(digits[:500], 30, seed=3), joined_digits(digits[:500], 30, seed=3)
+    np.testing.assert_array_equal(first, again)
+    assert first.shape == (30, 28, 28) and first.min() >= 0.0 and first.max() <= 1.0
+    assert not np.array_equal(first, joined_digits(digits[:500], 30, seed=4))
+
+    # Two or three digits fitted into the 20-pixel box side by side: wider than tall, where
+    # MNIST's digits (fitted the same way) are taller than wide.
+    def aspect(images: np.ndarray) -> np.ndarray:
+        ink = images > 0.2
+        widths = ink.any(axis=1).sum(axis=1)
+        heights = ink.any(axis=2).sum(axis=1)
+        return widths / heights
+
+    assert np.median(aspect(first)) > 1.2
+    assert np.median(aspect(digits[:500] / 255.0)) < 1.0
+
+
 def test_scribbles_are_reproducible_model_inputs_unlike_any_mnist_digit():
     first, again = scribbles(20, seed=3), scribbles(20, seed=3)
     np.testing.assert_array_equal(first, again)
@@ -270,7 +290,8 @@ def small_prepared_split(folder: Path) -> tuple[Path, Path, Path]:
 
 def test_training_data_mixes_in_the_non_digits_at_their_share(tmp_path):
     mnist, others, _ = small_prepared_split(tmp_path)
-    data = load_data(mnist, others, None, settings(not_digit_share=0.2, scribbles=100))
+    run = settings(not_digit_share=0.2, scribbles=60, joined_digits=40)
+    data = load_data(mnist, others, None, run)
     labels = data["y_train"]
     share = (labels == NOT_A_DIGIT).mean()
     assert 0.15 <= share <= 0.25
@@ -281,7 +302,7 @@ def test_training_data_mixes_in_the_non_digits_at_their_share(tmp_path):
 
 def test_users_corrections_train_at_their_weight_and_validate_once(tmp_path):
     mnist, others, corrections = small_prepared_split(tmp_path)
-    run = settings(not_digit_share=0.2, scribbles=100, corrections_weight=3)
+    run = settings(not_digit_share=0.2, scribbles=60, joined_digits=40, corrections_weight=3)
     without = load_data(mnist, others, None, run)
     data = load_data(mnist, others, corrections, run)
     users = load_prepared(corrections)
