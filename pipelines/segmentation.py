@@ -41,18 +41,20 @@ from pipelines.preprocessing import (
 
 SAME_MARK_OVERLAP = 0.4  # strokes sharing this share of the narrower one's columns: one mark
 MARK_MARGIN = 16  # faint ink (soft edges) this near a mark's strokes (ink-map pixels) is its
-SPLIT_ASPECT = 0.6  # a mark at least this wide for its height may hold touching digits
+SPLIT_ASPECT = 1.1  # a mark at least this wide for its height may hold touching digits
 MAX_DIGIT_ASPECT = 1.3  # no piece of a split is wider than this for the mark's height
 MIN_PIECE_ASPECT = 0.12  # nor narrower than this (a 1 is narrow, but not a sliver)
 MAX_CUTS = 6  # candidate cut columns tried per wide mark
 MAX_MARKS = 24  # a drawing with more marks is refused: no number is that long, and each costs
 MAX_INPUTS = 64  # model inputs per reading; past this, wide marks are read whole, not split
 SPLIT_PENALTY = 1.0  # log-probability each extra piece costs: a split must be clearly better
-SPLIT_MIN_CONFIDENCE = 0.8  # every piece of a chosen split must be a digit at least this sure
-# These two were chosen on 500 numbers of MNIST validation digits and 40 scribbles, with a model
-# trained to refuse joined digits (train.joined_digits): numbers read exactly 0.69 at 1.1 and
-# 0.5 (all 40 scribbles refused), 0.80 at 0.6 and 0.5 (but 10 scribbles read as digits), 0.756
-# at 0.6 and 0.8 (39 refused).
+SPLIT_MIN_CONFIDENCE = 0.5  # every piece of a chosen split must be a digit at least this sure
+# Measured on 500 numbers of MNIST validation digits and 40 scribbles with a model trained to
+# refuse joined digits: SPLIT_ASPECT 0.6 with SPLIT_MIN_CONFIDENCE 0.8 read 0.756 of the
+# numbers exactly (1.1 and 0.5: 0.69; 0.6 and 0.5: 0.80 but 10 scribbles read as digits), but
+# every digit of a gapped number then became a split candidate: 21 model inputs for a 4-digit
+# /read instead of 4, its plan 16 ms instead of 5. Splitting only the marks the model doubts,
+# in a second call, would have both.
 SEVERAL_DIGITS_CONFIDENCE = 0.8  # /predict refuses when two marks are digits at least this sure
 
 
