@@ -333,14 +333,16 @@ def roll_back(client: MlflowClient, version_number: int, data_hash: str) -> str:
     return f"rolled back: version {version.version} is the champion"
 
 
-def record_pipeline_model(args: argparse.Namespace, params: dict) -> None:
+def record_pipeline_model(
+    args: argparse.Namespace, params: dict, not_digits: Path | None = None
+) -> None:
     """Step 1: the run of the model in `args.model`, with its validation and test figures."""
     scores = {
         **tracking.train_scores(json.loads(args.train_metrics.read_text())),
         **tracking.evaluation_scores(json.loads(args.metrics.read_text())),
     }
     run = tracking.ensure_model_run(
-        args.model, args.data, params, scores, args.corrections, args.not_digits
+        args.model, args.data, params, scores, args.corrections, not_digits
     )
     log.info("the pipeline's model is run %s (%s)", run.info.run_id, run.info.run_name)
 
@@ -365,9 +367,11 @@ def main() -> None:
     data_hash = file_md5(args.data)
     try:
         if args.version is None:
-            record_pipeline_model(args, params)
-            not_digits = file_md5(args.not_digits) if args.not_digits.exists() else None
-            decision = promote_best(client, data_hash, args.corrections, settings, not_digits)
+            # the non-digit drawings the pipeline trained on (absent: any run's will do)
+            not_digits = args.not_digits if args.not_digits.exists() else None
+            record_pipeline_model(args, params, not_digits)
+            drawings_hash = file_md5(not_digits) if not_digits else None
+            decision = promote_best(client, data_hash, args.corrections, settings, drawings_hash)
         else:
             decision = roll_back(client, args.version, data_hash)
         log.info(decision)
