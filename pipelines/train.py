@@ -352,8 +352,7 @@ def _load_without_corrections(
             joined_digits(digits["x_train"][:count], settings.joined_digits, settings.seed),
         ]
     )
-    wanted = settings.not_digit_share / (1.0 - settings.not_digit_share) * count
-    pool = np.concatenate([pool] * max(1, round(wanted / len(pool))))
+    pool = _at_share(pool, settings.not_digit_share / (1.0 - settings.not_digit_share) * count)
     x_val_others = others["images"][others["split"] == "validation"].astype(np.float32) / 255.0
     train = (
         np.concatenate([x_train, pool]),
@@ -364,6 +363,14 @@ def _load_without_corrections(
         np.concatenate([digits["y_val"], np.full(len(x_val_others), NOT_A_DIGIT)]),
     )
     return train, validation
+
+
+def _at_share(pool: np.ndarray, wanted: float) -> np.ndarray:
+    """The pool repeated to about `wanted` images, or a fixed sample of `wanted` of them when
+    it holds more: a small training set (`max_train_images`) is not drowned in non-digits."""
+    if len(pool) > wanted:
+        return pool[np.sort(np.random.default_rng(0).permutation(len(pool))[: round(wanted)])]
+    return np.concatenate([pool] * max(1, round(wanted / len(pool))))
 
 
 def fit_member(

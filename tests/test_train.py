@@ -300,6 +300,15 @@ def test_training_data_mixes_in_the_non_digits_at_their_share(tmp_path):
     assert (data["y_val"] == NOT_A_DIGIT).sum() == 20 and (data["y_val"] < 10).sum() == 500
 
 
+def test_a_small_training_set_is_not_drowned_in_non_digits(tmp_path):
+    mnist, others, _ = small_prepared_split(tmp_path)
+    run = settings(not_digit_share=0.2, scribbles=1500, joined_digits=500)
+    first, again = load_data(mnist, others, None, run), load_data(mnist, others, None, run)
+    labels = first["y_train"]
+    assert (labels == NOT_A_DIGIT).sum() == 500  # 2,000 digits: a fifth of 2,500 images
+    np.testing.assert_array_equal(first["x_train"], again["x_train"])  # the same sample
+
+
 def test_users_corrections_train_at_their_weight_and_validate_once(tmp_path):
     mnist, others, corrections = small_prepared_split(tmp_path)
     run = settings(not_digit_share=0.2, scribbles=60, joined_digits=40, corrections_weight=3)
