@@ -46,6 +46,7 @@ from pipelines.drawing import (
 from pipelines.letters import LetterSettings, draw_letters
 from pipelines.preprocessing import CLASSES, LABELS, NOT_A_DIGIT, as_batch, ink_map
 from pipelines.segmentation import (
+    NO_ANSWERS,
     Box,
     Classifier,
     Mark,
@@ -53,6 +54,7 @@ from pipelines.segmentation import (
     ReadingPlan,
     SeveralDigitsError,
     SingleDigitPlan,
+    SplitPlan,
     digit_probabilities,
     plan_reading,
     plan_single,
@@ -256,20 +258,20 @@ def refused(probabilities: np.ndarray) -> np.ndarray:
 
 
 def classify_plans(
-    plans: Sequence[ReadingPlan | SingleDigitPlan], classify: Classifier
+    plans: Sequence[ReadingPlan | SplitPlan | SingleDigitPlan], classify: Classifier
 ) -> list[np.ndarray]:
     """Run `classify` once over every plan's inputs (one model call instead of one per drawing)
     and return each plan's rows, for `plan.marks` or `plan.digit`."""
     sizes = [len(plan.inputs) for plan in plans]
-    if not plans:
-        return []
+    if sum(sizes) == 0:
+        return [NO_ANSWERS for _ in plans]
     probabilities = classify(np.concatenate([plan.inputs for plan in plans]))
     return np.split(np.asarray(probabilities), np.cumsum(sizes)[:-1])
 
 
 def reading_plan(image: Image.Image) -> ReadingPlan:
-    """`read_marks`' plan of a drawing: read_marks(image, f) is
-    reading_plan(image).marks(f(plan.inputs))."""
+    """`read_marks`' first plan of a drawing: read_marks(image, f) is
+    plan.splits(f(plan.inputs)) then that split plan's marks(f(split.inputs))."""
     return plan_reading(ink_map(image), working_scale(image), image.size)
 
 
@@ -348,15 +350,6 @@ def describe_reading(number: RenderedNumber, marks: Sequence[Mark]) -> NumberRea
     return NumberReading(number.text, number.joins, text, found, frozenset(joined))
 
 
-def input_boxes(plan: ReadingPlan) -> list[Box]:
-    """The box of each of a plan's inputs, in the drawing's pixels, in `plan.inputs` order."""
-    # Each span's inputs follow the previous span's: its boxes, in order, are theirs.
-    boxes = [box.scaled(plan.scale, plan.image_size) for span in plan.spans for box in span.boxes]
-    if len(boxes) != len(plan.inputs):
-        raise ValueError(f"a reading plan with {len(plan.inputs)} inputs has {len(boxes)} boxes")
-    return boxes
-
-
 def oracle_probabilities(number: RenderedNumber, boxes: Sequence[Box]) -> np.ndarray:
     """A perfect classifier's answers for crops of a drawn number: the label of the digit a crop
     holds (RenderedNumber.digit_in), certain; "not a digit", certain, for a piece of a digit or
@@ -390,15 +383,24 @@ def read_numbers(
 ) -> Iterator[tuple[RenderedNumber, list[Mark], list[Mark]]]:
     """Each number with its marks as read_marks reads them with `classify`, and with the oracle.
 
-    Numbers go by chunks of NUMBER_CHUNK, the model called once per chunk.
+    Numbers go by chunks of NUMBER_CHUNK, the model called once per chunk and pass.
     """
     numbers = iter(numbers)
     while chunk := list(itertools.islice(numbers, NUMBER_CHUNK)):
         plans = [reading_plan(drawn.image) for drawn in chunk]
-        answers = classify_plans(plans, classify)
-        for drawn, plan, rows in zip(chunk, plans, answers, strict=True):
-            oracle = oracle_probabilities(drawn, input_boxes(plan))
-            yield drawn, plan.marks(rows), plan.marks(oracle)
+        splits = [
+            plan.splits(rows)
+            for plan, rows in zip(plans, classify_plans(plans, classify), strict=True)
+        ]
+        answers = classify_plans(splits, classify)
+        for drawn, plan, split, rows in zip(chunk, plans, splits, answers, strict=True):
+            yield drawn, split.marks(rows), oracle_marks(drawn, plan)
+
+
+def oracle_marks(number: RenderedNumber, plan: ReadingPlan) -> list[Mark]:
+    """The marks a perfect classifier (oracle_probabilities) reads from a number's plan."""
+    split = plan.splits(oracle_probabilities(number, plan.boxes))
+    return split.marks(oracle_probabilities(number, split.boxes))
 
 
 def number_scores(readings: Sequence[NumberReading]) -> dict[str, float]:

@@ -2,11 +2,14 @@
 
 A drawing may also hold a whole number. `plan_reading` splits it into marks, left to right:
 strokes whose columns overlap belong to one mark (a 4 or a 5 drawn in two strokes, a crossed 7),
-and a mark wider than a digit may hold touching digits, so its candidate pieces (between the
-columns where the least ink crosses) are all classified and the most probable split is kept.
-`plan_single` is the one-digit reading of /predict, which refuses several digits and non-digits.
-Both are plans: the caller runs the model on `plan.inputs` (one batch) and hands the
-probabilities back, so the service can batch the model call and evaluation can run Keras.
+and the model reads each mark whole. A mark that may hold touching digits (wider than a digit,
+or narrower but not a digit the model is sure of) is then cut where the least ink crosses, by
+cuts that bend around strokes, and every piece between two cuts is classified in a second
+model call; the most probable split wins, or the whole mark. A number whose digits stand apart
+(the common case) needs one call. `plan_single` is the one-digit reading of /predict, which
+refuses several digits and non-digits. All are plans: the caller runs the model on
+`plan.inputs` (one batch) and hands the probabilities back, so the service can batch the model
+calls and evaluation can run Keras.
 
 This is part of the contract between evaluation and serving (the service's /read and /predict
 and the evaluate stage import it), but not of training, which sees single marks only: the
@@ -25,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 from pipelines.preprocessing import (
+    CLASSES,
     INK_THRESHOLD,
     LABELS,
     MIN_CONTRAST,
@@ -42,19 +46,24 @@ from pipelines.preprocessing import (
 SAME_MARK_OVERLAP = 0.4  # strokes sharing this share of the narrower one's columns: one mark
 MARK_MARGIN = 16  # faint ink (soft edges) this near a mark's strokes (ink-map pixels) is its
 SPLIT_ASPECT = 1.1  # a mark at least this wide for its height may hold touching digits
+DOUBT_ASPECT = 0.6  # a narrower mark only when the model doubts it is one digit (two 1s, a 17)
+SURE_DIGIT = 0.9  # ...which is when it is not a digit or a digit less sure than this
 MAX_DIGIT_ASPECT = 1.3  # no piece of a split is wider than this for the mark's height
 MIN_PIECE_ASPECT = 0.12  # nor narrower than this (a 1 is narrow, but not a sliver)
-MAX_CUTS = 6  # candidate cut columns tried per wide mark
+MAX_CUTS = 6  # candidate cuts tried per mark
+CUT_BAND = 0.4  # a cut may bend this far (share of the mark's height) from its column
+CUT_DRIFT = 0.02  # cost per pixel it bends away, against a pixel of ink crossed: cuts stay
+# straight through blank paper and bend to pass between touching digits
 MAX_MARKS = 24  # a drawing with more marks is refused: no number is that long, and each costs
-MAX_INPUTS = 64  # model inputs per reading; past this, wide marks are read whole, not split
+MAX_INPUTS = 64  # model inputs per reading; past this, marks are read whole, not split
 SPLIT_PENALTY = 1.0  # log-probability each extra piece costs: a split must be clearly better
-SPLIT_MIN_CONFIDENCE = 0.5  # every piece of a chosen split must be a digit at least this sure
-# Measured on 500 numbers of MNIST validation digits and 40 scribbles with a model trained to
-# refuse joined digits: SPLIT_ASPECT 0.6 with SPLIT_MIN_CONFIDENCE 0.8 read 0.756 of the
-# numbers exactly (1.1 and 0.5: 0.69; 0.6 and 0.5: 0.80 but 10 scribbles read as digits), but
-# every digit of a gapped number then became a split candidate: 21 model inputs for a 4-digit
-# /read instead of 4, its plan 16 ms instead of 5. Splitting only the marks the model doubts,
-# in a second call, would have both.
+SPLIT_MIN_CONFIDENCE = 0.8  # every piece of a chosen split must be a digit at least this sure
+# Measured on 500 numbers of MNIST validation digits (evaluate's number settings, another seed)
+# and 40 wide scribbles, with the model trained to refuse joined digits: one pass, straight cuts
+# of marks 1.1 times wider than tall read 0.690 of the numbers exactly; a second pass for the
+# doubted marks from 0.6 (straight cuts) 0.738; cuts bending 0.25 of the height 0.794, 0.4:
+# 0.808 (37 of 40 scribbles refused, 38 before). Pieces 0.6 sure, or a penalty of 0.5, moved
+# it by at most 3 numbers in 500; dropping a neighbour's bits from pieces, 1.
 SEVERAL_DIGITS_CONFIDENCE = 0.8  # /predict refuses when two marks are digits at least this sure
 
 
@@ -131,47 +140,125 @@ def digit_probabilities(probabilities: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class _Span:
-    """Candidate pieces of one mark: the inputs of every interval between its cut columns."""
+class _Candidate:
+    """One mark as read whole, and what splitting it needs: its ink alone, cut to its box."""
 
-    intervals: list[tuple[int, int]]  # index pairs into `cuts`
-    cuts: list[int]  # column offsets in the mark, 0 and its width included
+    box: Box  # in ink-map pixels
+    piece: np.ndarray
+
+    def may_hold_several(self, whole: np.ndarray) -> bool:
+        """Wide for one digit, or narrower and the model doubts it is one (its answer `whole`)."""
+        aspect = self.box.width / self.box.height
+        if aspect >= SPLIT_ASPECT:
+            return True
+        doubted = _is_not_a_digit(whole) or float(digit_probabilities(whole).max()) < SURE_DIGIT
+        return aspect >= DOUBT_ASPECT and doubted
+
+
+@dataclass(frozen=True)
+class _Span:
+    """Candidate pieces of one mark: the inputs of every interval between its cuts but the
+    whole mark (read in the first pass)."""
+
+    intervals: list[tuple[int, int]]  # index pairs into the mark's cuts, (0, last) the whole
+    cuts: int  # how many cuts, the mark's two edges included
     boxes: list[Box]
-    first_input: int  # index of the first interval's input in the plan's inputs
+    first_input: int  # index of the first interval's input in the split plan's inputs
 
 
 @dataclass(frozen=True)
 class ReadingPlan:
-    """What the model must classify to read a drawing; `marks` turns its answers into marks.
+    """The first pass of /read: each mark whole. `splits` turns the model's answers into the
+    second pass, which tries to split the marks that may hold touching digits."""
 
-    A mark that may hold touching digits has several candidate pieces: the chosen split is the
-    one whose pieces the model finds most probable as digits, each extra piece costing
-    SPLIT_PENALTY, and any split must have every piece a digit at least SPLIT_MIN_CONFIDENCE
-    sure (a scribble is not three 1s).
-    """
-
-    inputs: np.ndarray  # (M, 28, 28)
-    spans: list[_Span]
+    inputs: np.ndarray  # (marks, 28, 28)
+    candidates: list[_Candidate]
     scale: int  # ink-map pixels to the sent image's pixels
     image_size: tuple[int, int]
 
+    @property
+    def boxes(self) -> list[Box]:
+        """Each input's box, in the sent image's pixels."""
+        return [c.box.scaled(self.scale, self.image_size) for c in self.candidates]
+
+    def splits(self, probabilities: np.ndarray) -> SplitPlan:
+        """The pieces to classify of every mark that may hold several digits (none when each
+        mark is a digit the model is sure of), within MAX_INPUTS inputs in all."""
+        inputs: list[np.ndarray] = []
+        spans: dict[int, _Span] = {}
+        budget = MAX_INPUTS - len(self.inputs)
+        most = (MAX_CUTS + 2) * (MAX_CUTS + 1) // 2 - 1  # every interval of MAX_CUTS + 2 cuts
+        answers = zip(self.candidates, probabilities, strict=True)
+        for number, (candidate, whole) in enumerate(answers):
+            if len(inputs) + most > budget or not candidate.may_hold_several(whole):
+                continue
+            cuts, intervals, boxes, pieces = _split_candidates(candidate)
+            if intervals:
+                spans[number] = _Span(intervals, cuts, boxes, len(inputs))
+                inputs += pieces
+        stacked = np.stack(inputs) if inputs else np.empty((0, *self.inputs.shape[1:]), np.float32)
+        return SplitPlan(stacked, self, np.asarray(probabilities, dtype=np.float32), spans)
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """The second pass of /read: candidate pieces of the marks that may hold several digits.
+
+    The chosen split of a mark is the one whose pieces the model finds most probable as digits,
+    each extra piece costing SPLIT_PENALTY; every piece must be a digit at least
+    SPLIT_MIN_CONFIDENCE sure (a scribble is not three 1s), and the whole mark competes.
+    """
+
+    inputs: np.ndarray  # (M, 28, 28), possibly none
+    first: ReadingPlan
+    whole: np.ndarray  # the first pass's answers, one row per mark
+    spans: dict[int, _Span]  # mark number -> its pieces
+
+    @property
+    def boxes(self) -> list[Box]:
+        """Each input's box, in the sent image's pixels."""
+        first = self.first
+        return [
+            box.scaled(first.scale, first.image_size)
+            for span in self.spans.values()
+            for box in span.boxes
+        ]
+
     def marks(self, probabilities: np.ndarray) -> list[Mark]:
+        first = self.first
         marks = []
-        for span in self.spans:
-            for offset in _best_split(span, probabilities[span.first_input :]):
-                index = span.first_input + offset
-                marks.append(
-                    Mark(
-                        span.boxes[offset].scaled(self.scale, self.image_size),
-                        self.inputs[index],
-                        np.asarray(probabilities[index], dtype=np.float32),
-                    )
+        for number, candidate in enumerate(first.candidates):
+            whole = Mark(
+                candidate.box.scaled(first.scale, first.image_size),
+                first.inputs[number],
+                self.whole[number],
+            )
+            span = self.spans.get(number)
+            if span is None:
+                marks.append(whole)
+                continue
+            rows = probabilities[span.first_input : span.first_input + len(span.intervals)]
+            chosen = _best_split(span, rows, whole.probabilities)
+            if chosen is None:
+                marks.append(whole)
+                continue
+            marks += [
+                Mark(
+                    span.boxes[offset].scaled(first.scale, first.image_size),
+                    self.inputs[span.first_input + offset],
+                    np.asarray(rows[offset], dtype=np.float32),
                 )
+                for offset in chosen
+            ]
         return marks
 
 
-def _best_split(span: _Span, probabilities: np.ndarray) -> list[int]:
-    """The chosen pieces of a mark, as offsets into its intervals.
+def _is_not_a_digit(probabilities: np.ndarray) -> bool:
+    return int(np.argmax(probabilities)) == NOT_A_DIGIT
+
+
+def _best_split(span: _Span, probabilities: np.ndarray, whole: np.ndarray) -> list[int] | None:
+    """The chosen pieces of a mark, as offsets into its intervals, or None to keep it whole.
 
     The whole mark competes with every chain of intervals from its first cut to its last whose
     pieces are all digits at least SPLIT_MIN_CONFIDENCE sure (Viterbi over the cuts). A chain
@@ -179,29 +266,73 @@ def _best_split(span: _Span, probabilities: np.ndarray) -> list[int]:
     A mark that is not a digit as a whole is split only into sure digits; otherwise it stays
     whole (and is refused as not a digit).
     """
-    last = len(span.cuts) - 1
-    whole = span.intervals.index((0, last))
+    last = span.cuts - 1
     offsets = {interval: offset for offset, interval in enumerate(span.intervals)}
     best: dict[int, tuple[float, list[int]]] = {0: (0.0, [])}
     for end in range(1, last + 1):
         for start in range(end):
             offset = offsets.get((start, end))
-            if start not in best or offset is None or offset == whole:
+            if start not in best or offset is None:
                 continue
             row = probabilities[offset]
             sure = float(row[: len(LABELS)].max())
-            if int(np.argmax(row)) == NOT_A_DIGIT or sure < SPLIT_MIN_CONFIDENCE:
+            if _is_not_a_digit(row) or sure < SPLIT_MIN_CONFIDENCE:
                 continue
             score = best[start][0] + math.log(sure) - (SPLIT_PENALTY if start > 0 else 0.0)
             if end not in best or score > best[end][0]:
                 best[end] = (score, [*best[start][1], offset])
     if last not in best:
-        return [whole]
-    whole_row = probabilities[whole]
-    if int(np.argmax(whole_row)) == NOT_A_DIGIT:
+        return None
+    if _is_not_a_digit(whole):
         return best[last][1]
-    whole_score = math.log(max(float(whole_row[: len(LABELS)].max()), 1e-12))
-    return best[last][1] if best[last][0] > whole_score else [whole]
+    whole_score = math.log(max(float(whole[: len(LABELS)].max()), 1e-12))
+    return best[last][1] if best[last][0] > whole_score else None
+
+
+def _split_candidates(
+    candidate: _Candidate,
+) -> tuple[int, list[tuple[int, int]], list[Box], list[np.ndarray]]:
+    """Every piece of a mark between two of its cuts (but the whole): (how many cuts, its edges
+    included; cut pairs; boxes in ink-map pixels; model inputs). Cuts bend around ink
+    (`_cut_paths`), so a piece can hold the whole of a digit whose neighbour leans over it."""
+    piece, box = candidate.piece, candidate.box
+    columns = _cut_columns(piece)
+    if not columns:
+        return 0, [], [], []
+    height, width = piece.shape
+    paths = np.concatenate(
+        [np.zeros((1, height), np.int64), _cut_paths(piece, columns), np.full((1, height), width)]
+    )
+    across = np.arange(width)
+    intervals, boxes, inputs = [], [], []
+    for start in range(len(paths) - 1):
+        for end in range(start + 1, len(paths)):
+            if (start, end) == (0, len(paths) - 1):
+                continue
+            span = float(np.median(paths[end] - paths[start]))
+            if not MIN_PIECE_ASPECT <= span / box.height <= MAX_DIGIT_ASPECT:
+                continue
+            inside = (across >= paths[start][:, None]) & (across < paths[end][:, None])
+            part = np.where(inside, piece, 0.0)
+            solid = part >= INK_THRESHOLD
+            try:
+                if not solid.any():
+                    raise NoDigitError()
+                pixels = ink_to_input(part)
+            except NoDigitError:  # a sliver of another piece: no reading of it
+                continue
+            rows, cols = np.flatnonzero(solid.any(axis=1)), np.flatnonzero(solid.any(axis=0))
+            intervals.append((start, end))
+            boxes.append(
+                Box(
+                    box.x + int(cols[0]),
+                    box.y + int(rows[0]),
+                    int(cols[-1] - cols[0] + 1),
+                    int(rows[-1] - rows[0] + 1),
+                )
+            )
+            inputs.append(pixels)
+    return len(paths), intervals, boxes, inputs
 
 
 @dataclass(frozen=True)
@@ -234,50 +365,15 @@ class SingleDigitPlan:
 def plan_reading(
     ink: np.ndarray, scale: int = 1, image_size: tuple[int, int] | None = None
 ) -> ReadingPlan:
-    """Split an ink map into marks and list every input the model must classify to read them."""
+    """Split an ink map into marks, each read whole first (see ReadingPlan.splits for the rest)."""
     ink = _normalised(ink)
     size = image_size or (ink.shape[1] * scale, ink.shape[0] * scale)
     groups = _mark_masks(ink)
-    if len(groups) == 1 and not _may_hold_several(groups[0][1]):
-        box = groups[0][1]
-        return ReadingPlan(
-            ink_to_input(ink)[np.newaxis], [_Span([(0, 1)], [0, box.width], [box], 0)], scale, size
-        )
-    inputs: list[np.ndarray] = []
-    spans = []
-    for number, (mask, box) in enumerate(groups):
-        piece = _piece(ink, mask, box)
-        room = MAX_INPUTS - len(inputs) - (len(groups) - number)  # inputs left for pieces
-        cuts = [0, box.width]
-        if _may_hold_several(box) and room >= (MAX_CUTS + 2) * (MAX_CUTS + 1) // 2:
-            cuts = [0, *_cut_columns(piece), box.width]
-        intervals, boxes = [], []
-        for start in range(len(cuts) - 1):
-            for end in range(start + 1, len(cuts)):
-                width = cuts[end] - cuts[start]
-                whole = (start, end) == (0, len(cuts) - 1)
-                if not whole and not (MIN_PIECE_ASPECT <= width / box.height <= MAX_DIGIT_ASPECT):
-                    continue
-                part = piece[:, cuts[start] : cuts[end]]
-                rows = np.flatnonzero((part >= INK_THRESHOLD).any(axis=1))
-                try:
-                    pixels = ink_to_input(part)
-                except NoDigitError:  # a sliver of another piece: no reading of it
-                    if whole:
-                        raise
-                    continue
-                intervals.append((start, end))
-                boxes.append(
-                    Box(
-                        box.x + cuts[start],
-                        box.y + int(rows[0]),
-                        width,
-                        int(rows[-1] - rows[0] + 1),
-                    )
-                )
-                inputs.append(pixels)
-        spans.append(_Span(intervals, cuts, boxes, len(inputs) - len(intervals)))
-    return ReadingPlan(np.stack(inputs), spans, scale, size)
+    candidates = [_Candidate(box, _piece(ink, mask, box)) for mask, box in groups]
+    if len(groups) == 1:  # the whole drawing, exactly as /predict sees it
+        return ReadingPlan(ink_to_input(ink)[np.newaxis], candidates, scale, size)
+    inputs = np.stack([ink_to_input(candidate.piece) for candidate in candidates])
+    return ReadingPlan(inputs, candidates, scale, size)
 
 
 def plan_single(
@@ -308,12 +404,15 @@ def mark_inputs(ink: np.ndarray) -> list[np.ndarray]:
 
 
 Classifier = Callable[[np.ndarray], np.ndarray]
+NO_ANSWERS = np.empty((0, CLASSES), np.float32)  # a split plan's answers when it has no inputs
 
 
 def read_marks(image: Image.Image, classify: Classifier) -> list[Mark]:
-    """Every mark of a drawing, left to right, read by `classify` ((N,28,28) -> (N,CLASSES))."""
+    """Every mark of a drawing, left to right, read by `classify` ((N,28,28) -> (N,CLASSES)):
+    once for the marks, and once more for the pieces of those that may hold several digits."""
     plan = plan_reading(ink_map(image), working_scale(image), image.size)
-    return plan.marks(classify(plan.inputs))
+    split = plan.splits(classify(plan.inputs))
+    return split.marks(classify(split.inputs) if len(split.inputs) else NO_ANSWERS)
 
 
 def read_single(image: Image.Image, classify: Classifier) -> Mark:
@@ -423,10 +522,6 @@ def _union(boxes: list[Box]) -> Box:
     return Box(left, top, right - left, bottom - top)
 
 
-def _may_hold_several(box: Box) -> bool:
-    return box.width >= SPLIT_ASPECT * box.height
-
-
 def _cut_columns(piece: np.ndarray) -> list[int]:
     """Up to MAX_CUTS columns where the least ink crosses the mark: where touching digits join."""
     height, width = piece.shape
@@ -444,3 +539,32 @@ def _cut_columns(piece: np.ndarray) -> list[int]:
         if len(chosen) == MAX_CUTS:
             break
     return sorted(chosen)
+
+
+def _cut_paths(piece: np.ndarray, columns: list[int]) -> np.ndarray:
+    """For each cut column, the cut from the mark's top to its bottom that crosses the least ink
+    (a seam: one column per row, moving at most one column a row, at most CUT_BAND of the
+    height from its column, each pixel away costing CUT_DRIFT): (cuts, rows) columns. Pixels
+    left of a row's cut column belong to the piece on the left."""
+    height, width = piece.shape
+    band = max(1, round(CUT_BAND * height))
+    offsets = np.arange(-band, band + 1)
+    cells = np.asarray(columns)[:, np.newaxis] + offsets  # (cuts, 2 * band + 1) columns
+    outside = (cells < 1) | (cells > width - 1)
+    cost = piece[:, np.clip(cells, 0, width - 1)] + CUT_DRIFT * np.abs(offsets)  # (rows, ...)
+    cost[:, outside] = np.inf
+    total = cost[0].copy()
+    moves = np.empty(cost.shape, dtype=np.int8)  # -1, 0, 1: where each cell's cut came from
+    for row in range(1, height):
+        left = np.pad(total[:, :-1], ((0, 0), (1, 0)), constant_values=np.inf)
+        right = np.pad(total[:, 1:], ((0, 0), (0, 1)), constant_values=np.inf)
+        choices = np.stack([left, total, right])
+        moves[row] = np.argmin(choices, axis=0) - 1
+        total = cost[row] + np.take_along_axis(choices, moves[row][np.newaxis] + 1, 0)[0]
+    position = np.argmin(total, axis=1)
+    paths = np.empty((len(columns), height), dtype=np.int64)
+    chosen = np.arange(len(columns))
+    for row in range(height - 1, -1, -1):
+        paths[:, row] = cells[chosen, position]
+        position = position + moves[row, chosen, position]
+    return paths

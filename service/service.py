@@ -39,7 +39,14 @@ from starlette.types import Scope
 
 from pipelines.corrections import CorrectionStore, LimitReached, StoreError
 from pipelines.preprocessing import CLASSES, PREPROCESSING_VERSION, ImageError
-from pipelines.segmentation import Mark, SingleDigitPlan, plan_reading, plan_single
+from pipelines.segmentation import (
+    NO_ANSWERS,
+    Mark,
+    ReadingPlan,
+    SingleDigitPlan,
+    plan_reading,
+    plan_single,
+)
 from service import metrics
 from service.answers import (
     BatchPrediction,
@@ -285,7 +292,7 @@ class Digits:
             plan = await self.plan(image, plan_reading)
         except (RequestError, ImageError) as error:
             return error_response(error)
-        marks = plan.marks(await self.batcher.predict(plan.inputs))
+        marks = await self.read_marks(plan)
         if not all(mark.is_digit for mark in marks):
             return not_a_digit_refusal(marks)
         for mark in marks:
@@ -320,7 +327,7 @@ class Digits:
         label = checked_label(label)
         client_answer = checked_answer(answer or None, SETTINGS.max_feedback_answer_chars)
         plan = await self.plan(image, plan_reading)
-        marks = plan.marks(await self.batcher.predict(plan.inputs))
+        marks = await self.read_marks(plan)
         correction_id = await self.inbox.add(
             client,
             image_png=as_png(image_bytes(image), SETTINGS.max_image_pixels),
@@ -331,6 +338,14 @@ class Digits:
             client_answer=client_answer,
         )
         return FeedbackAnswer(id=correction_id, status=PENDING)
+
+    async def read_marks(self, plan: ReadingPlan) -> list[Mark]:
+        """The marks of a /read plan: the model reads each mark whole, then the pieces of those
+        that may hold several digits (a second call only when there are some)."""
+        split = plan.splits(await self.batcher.predict(plan.inputs))
+        if not len(split.inputs):
+            return split.marks(NO_ANSWERS)
+        return split.marks(await self.batcher.predict(split.inputs))
 
     async def plan(self, image: str, planner: Planner[Plan], inline: bool = True) -> Plan:
         """Decode one image and plan its reading (the model inputs it needs).

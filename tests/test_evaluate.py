@@ -16,7 +16,6 @@ from pipelines.evaluate import (
     confusion_matrix,
     describe_reading,
     evaluate_numbers,
-    input_boxes,
     letters_refused,
     log_loss,
     misclassified_grid,
@@ -67,14 +66,17 @@ def fixed_classifier(seed: int = 0) -> Classifier:
 
 
 def oracle_classifier(number: RenderedNumber) -> Classifier:
-    """A perfect classifier for one drawn number: it answers each crop read_marks asks about with
-    the label of the rendered digit whose ink the crop holds (matching the crop's box to the
-    rendered digits), or "not a digit" for part of a digit or several."""
+    """A perfect classifier for one drawn number: it answers each crop read_marks asks about, in
+    its two passes, with the label of the rendered digit whose ink the crop holds (matching the
+    crop's box to the rendered digits), or "not a digit" for part of a digit or several."""
     plan = reading_plan(number.image)
-    answers = oracle_probabilities(number, input_boxes(plan))
+    first = oracle_probabilities(number, plan.boxes)
+    split = plan.splits(first)
+    passes = iter([(plan.inputs, first), (split.inputs, oracle_probabilities(number, split.boxes))])
 
     def classify(inputs: np.ndarray) -> np.ndarray:
-        assert np.array_equal(inputs, plan.inputs), "asked about another drawing"
+        expected, answers = next(passes)
+        assert np.array_equal(inputs, expected), "asked about another drawing"
         return answers
 
     return classify
@@ -206,8 +208,11 @@ def test_classify_plans_reads_like_read_marks(test_digits):
     classify = fixed_classifier()
     numbers = [draw(test_digits, length, seed) for seed, length in enumerate([2, 3, 5, 6])]
     plans = [reading_plan(number.image) for number in numbers]
-    for number, plan, rows in zip(numbers, plans, classify_plans(plans, classify), strict=True):
-        batched = plan.marks(rows)
+    splits = [
+        plan.splits(rows) for plan, rows in zip(plans, classify_plans(plans, classify), strict=True)
+    ]
+    for number, split, rows in zip(numbers, splits, classify_plans(splits, classify), strict=True):
+        batched = split.marks(rows)
         alone = read_marks(number.image, classify)
         assert [mark.box for mark in batched] == [mark.box for mark in alone]
         for one, other in zip(batched, alone, strict=True):

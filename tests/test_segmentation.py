@@ -18,8 +18,10 @@ from pipelines.preprocessing import (
 )
 from pipelines.segmentation import (
     MAX_INPUTS,
+    NO_ANSWERS,
     NotADigitError,
     SeveralDigitsError,
+    _cut_paths,
     plan_reading,
     plan_single,
     read_marks,
@@ -63,7 +65,9 @@ def test_a_digit_written_in_several_strokes_is_one_mark(digit):
 def test_separate_digits_are_read_left_to_right_with_boxes_in_the_sent_pixels():
     one_then_four = pad_with(*ONE, *(_moved(stroke, 500) for stroke in FOUR))
     plan = plan_reading(ink_map(one_then_four), working_scale(one_then_four), (840, 280))
-    marks = plan.marks(probabilities_for(plan.inputs, [1, 4]))
+    split = plan.splits(probabilities_for(plan.inputs, [1, 4]))
+    assert len(split.inputs) == 0  # two sure digits: one model call
+    marks = split.marks(NO_ANSWERS)
     assert [mark.digit for mark in marks] == [1, 4]
     first, second = (mark.box for mark in marks)
     assert 380 <= first.x <= 400 <= first.x + first.width <= 420  # the 1 at x=400, 16 px wide
@@ -96,18 +100,43 @@ def test_touching_digits_are_split_where_the_model_reads_sure_digits():
     bars = [[(x, 60), (x, 230)] for x in (100, 180, 260, 340)]
     touching = pad_with(*bars, [(100, 140), (340, 140)])  # four 1s joined by a stroke
     plan = plan_reading(ink_map(touching), working_scale(touching), (840, 280))
-    (span,) = plan.spans
-    assert len(plan.inputs) > 1  # a mark wider than tall: pieces were tried
-    whole = span.intervals.index((0, len(span.cuts) - 1))
+    assert len(plan.inputs) == 1  # one mark, read whole first
     # The model: the whole is not a digit, every narrower piece is a sure 1.
-    answers = [NOT_A_DIGIT if offset == whole else 1 for offset in range(len(plan.inputs))]
-    marks = plan.marks(probabilities_for(plan.inputs, answers))
+    split = plan.splits(probabilities_for(plan.inputs, [NOT_A_DIGIT]))
+    assert len(split.inputs) > 1  # a mark wider than tall: pieces were tried
+    marks = split.marks(probabilities_for(split.inputs, [1] * len(split.inputs)))
     assert len(marks) >= 2 and all(mark.digit == 1 for mark in marks)
     boxes = [mark.box for mark in marks]
     assert all(a.x + a.width <= b.x for a, b in zip(boxes, boxes[1:], strict=False))
     # The same mark, which the model reads as one sure digit, stays whole.
-    answers = [7 if offset == whole else 1 for offset in range(len(plan.inputs))]
-    assert [mark.digit for mark in plan.marks(probabilities_for(plan.inputs, answers))] == [7]
+    split = plan.splits(probabilities_for(plan.inputs, [7]))
+    marks = split.marks(probabilities_for(split.inputs, [1] * len(split.inputs)))
+    assert [mark.digit for mark in marks] == [7]
+
+
+def test_a_mark_about_as_wide_as_a_digit_is_split_only_when_the_model_doubts_it():
+    pair = pad_with(*ONE, [(520, 60), (520, 230)], [(400, 140), (520, 140)])  # "11", joined
+    plan = plan_reading(ink_map(pair), working_scale(pair), (840, 280))
+    assert len(plan.splits(probabilities_for(plan.inputs, [0])).inputs) == 0  # a sure 0
+    split = plan.splits(probabilities_for(plan.inputs, [NOT_A_DIGIT]))
+    marks = split.marks(probabilities_for(split.inputs, [1] * len(split.inputs)))
+    assert [mark.digit for mark in marks] == [1, 1]
+
+
+def test_a_cut_bends_between_slanted_digits_that_no_straight_cut_separates():
+    image = Image.new("L", (200, 200))
+    draw = ImageDraw.Draw(image)
+    draw.line([(20, 190), (90, 10)], fill=255, width=12)  # two slanted 1s, /  /
+    draw.line([(90, 190), (160, 10)], fill=255, width=12)
+    draw.line([(55, 100), (125, 100)], fill=255, width=6)  # joined by a bar
+    ink = np.asarray(image, dtype=np.float32) / 255
+    (path,) = _cut_paths(ink, [90])
+    columns = np.arange(200)
+    for row in range(0, 200, 10):
+        if abs(row - 100) > 6:  # away from the bar, it crosses no ink
+            assert ink[row, path[row]] == 0.0, row
+    left = (columns < path[:, np.newaxis]) & (ink > 0)
+    assert left[:, :50].sum() > 0 and not left[190:, 100:].any()  # the second 1's foot is right
 
 
 def test_read_marks_and_read_single_run_the_classifier_once_on_the_plan():
@@ -120,7 +149,7 @@ def test_read_marks_and_read_single_run_the_classifier_once_on_the_plan():
 
     assert [mark.digit for mark in read_marks(image, classify)] == [1]
     assert read_single(image, classify).digit == 1
-    assert calls == [(1, 28, 28), (1, 28, 28)]
+    assert calls == [(1, 28, 28), (1, 28, 28)]  # a sure digit: no second pass
     with pytest.raises(NoDigitError):
         read_marks(Image.new("RGBA", (840, 280)), classify)
 
@@ -149,4 +178,5 @@ def test_wide_marks_beyond_the_input_budget_are_read_whole():
     zigzag = [(x, 60 if (x // 20) % 2 else 220) for x in range(0, 250, 20)]
     image = pad_with(*([(x + dx, y) for x, y in zigzag] for dx in (10, 290, 570)))
     plan = plan_reading(ink_map(image), working_scale(image), image.size)
-    assert len(plan.spans) == 3 and len(plan.inputs) <= MAX_INPUTS
+    split = plan.splits(probabilities_for(plan.inputs, [NOT_A_DIGIT] * 3))
+    assert len(plan.inputs) == 3 and len(plan.inputs) + len(split.inputs) <= MAX_INPUTS
