@@ -9,7 +9,10 @@ probabilities and the threshold for "not a digit", and the test set is never tou
 
 The model has an eleventh class, NOT_A_DIGIT, learnt from the non-digit drawings the download
 stage prepares (Omniglot characters of the training alphabets, letters and symbols drawn from
-pen-stroke fonts), from synthetic scribbles and from two or three digits drawn touching. How
+pen-stroke fonts), from synthetic scribbles and from two or three digits drawn touching. Some
+training digits are also drawn on the page's pad and read back, and some cut out of touching
+pairs with their neighbour's bits, as the reader cuts them (`canvas_digits`, `crowded_digits`):
+every non-digit comes through the preprocessing contract, and so do the digits people draw. How
 readily it answers that class is fitted last, on held-out alphabets and MNIST validation digits:
 the largest push towards "not a digit" that refuses at most `max_digit_refusal` of the
 validation digits, folded into the classifier's bias so the saved model decides by itself.
@@ -51,7 +54,7 @@ from PIL import Image, ImageDraw
 
 from pipelines import tracking
 from pipelines.download import file_md5, load_prepared
-from pipelines.drawing import render_number
+from pipelines.drawing import BACKGROUNDS, CanvasStyle, render_number, render_on_canvas
 from pipelines.model import build_ensemble, build_model, divide_logits, raise_logit
 from pipelines.preprocessing import (
     CLASSES,
@@ -61,6 +64,7 @@ from pipelines.preprocessing import (
     as_batch,
     ink_map,
     ink_to_input,
+    shrink_factor,
 )
 
 log = logging.getLogger("train")
@@ -68,6 +72,10 @@ log = logging.getLogger("train")
 JOINED_CANVAS = (840, 280)  # the pad joined digits are drawn on: the evaluate stage's numbers'
 JOINED_PAIRS = 0.7  # share of joined drawings with two digits; the rest have three
 JOINED_TOUCHING = 0.7  # share of joins where the inks touch; the rest overlap a little
+PAD_SIDE = 280  # the page's square pad, on which canvas digits are drawn
+PAD_DIGIT_SIZE = (0.2, 0.95)  # a canvas digit's size as a share of the pad side, drawn uniformly
+PAD_STROKE = (-0.8, 1.2)  # its pen thinned or thickened by up to this many MNIST pixels
+CROWDED_OWN_INK = 0.85  # a crowded digit holds at least this share of the ink in its box
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +101,8 @@ class TrainSettings:
     corrections_weight: int  # times each accepted user drawing is seen per epoch
     scribbles: int  # synthetic scribbles added to the non-digit drawings
     joined_digits: int  # drawings of 2-3 touching training digits added to the non-digits
+    canvas_digits: int  # training digits drawn on the pad and read back, added to the digits
+    crowded_digits: int  # training digits cut from touching pairs with their neighbour's bits
     max_digit_refusal: float  # share of validation digits the "not a digit" threshold may refuse
 
     @classmethod
@@ -313,6 +323,65 @@ def joined_digits(digits: np.ndarray, count: int, seed: int) -> np.ndarray:
     return images
 
 
+def canvas_digits(
+    digits: np.ndarray, labels: np.ndarray, count: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """`count` training digits drawn on the page's pad (any size, pen, place and background)
+    and read back through the preprocessing contract, with their labels.
+
+    The non-digits all come through that contract, so without these the model could learn that
+    a re-read image is "not a digit" and refuse digits drawn on the pad; these are also the
+    drawings people send."""
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(len(digits), size=min(count, len(digits)), replace=False)
+    images = np.empty((len(chosen), *INPUT_SHAPE[:2]), dtype=np.float32)
+    for index, digit in enumerate(digits[chosen]):
+        style = CanvasStyle(
+            box_fraction=rng.uniform(*PAD_DIGIT_SIZE),
+            stroke=rng.uniform(*PAD_STROKE),
+            off_centre=bool(rng.random() < 0.5),
+            background=str(rng.choice(BACKGROUNDS)),
+        )
+        images[index] = ink_to_input(ink_map(render_on_canvas(digit, style, PAD_SIDE, rng)))
+    return images, labels[chosen]
+
+
+def crowded_digits(
+    digits: np.ndarray, labels: np.ndarray, count: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """`count` training digits cut by their box out of a pair drawn touching or overlapping,
+    with the bits of the neighbour that reach into the box, and their labels: what the reader's
+    pieces of joined digits look like (`pipelines.segmentation`), which must still read as the
+    digit. A box holding less than CROWDED_OWN_INK of its digit's ink is drawn again."""
+    rng = np.random.default_rng(seed)
+    images = np.empty((count, *INPUT_SHAPE[:2]), dtype=np.float32)
+    targets = np.empty(count, dtype=np.int64)
+    made = 0
+    while made < count:
+        pair = rng.integers(0, len(digits), size=2)
+        number = render_number(
+            digits[pair],
+            labels[pair],
+            JOINED_CANVAS,
+            touching=JOINED_TOUCHING,
+            overlapping=1.0 - JOINED_TOUCHING,
+            rng=rng,
+        )
+        which = int(rng.integers(0, 2))
+        box = number.boxes[which]
+        amounts = number.ink_in(box)
+        if amounts[which] < CROWDED_OWN_INK * amounts.sum():
+            continue
+        scale = shrink_factor(number.image.size)
+        ink = ink_map(number.image)[
+            box.y // scale : -(-(box.y + box.height) // scale),
+            box.x // scale : -(-(box.x + box.width) // scale),
+        ]
+        images[made], targets[made] = ink_to_input(ink), labels[pair[which]]
+        made += 1
+    return images, targets
+
+
 def load_data(
     mnist: Path, not_digits: Path, corrections: Path | None, settings: TrainSettings
 ) -> dict[str, np.ndarray]:
@@ -345,6 +414,11 @@ def _load_without_corrections(
     others = load_prepared(not_digits)
     count = min(settings.max_train_images or len(digits["x_train"]), len(digits["x_train"]))
     x_train = digits["x_train"][:count].astype(np.float32) / 255.0
+    y_train = digits["y_train"][:count]
+    drawn = [
+        canvas_digits(digits["x_train"][:count], y_train, settings.canvas_digits, settings.seed),
+        crowded_digits(digits["x_train"][:count], y_train, settings.crowded_digits, settings.seed),
+    ]
     pool = np.concatenate(
         [
             others["images"][others["split"] == "train"].astype(np.float32) / 255.0,
@@ -352,11 +426,16 @@ def _load_without_corrections(
             joined_digits(digits["x_train"][:count], settings.joined_digits, settings.seed),
         ]
     )
-    pool = _at_share(pool, settings.not_digit_share / (1.0 - settings.not_digit_share) * count)
+    digit_count = count + sum(len(labels) for _, labels in drawn)
+    pool = _at_share(
+        pool, settings.not_digit_share / (1.0 - settings.not_digit_share) * digit_count
+    )
     x_val_others = others["images"][others["split"] == "validation"].astype(np.float32) / 255.0
     train = (
-        np.concatenate([x_train, pool]),
-        np.concatenate([digits["y_train"][:count], np.full(len(pool), NOT_A_DIGIT)]),
+        np.concatenate([x_train, *(images for images, _ in drawn), pool]),
+        np.concatenate(
+            [y_train, *(labels for _, labels in drawn), np.full(len(pool), NOT_A_DIGIT)]
+        ),
     )
     validation = (
         np.concatenate([digits["x_val"].astype(np.float32) / 255.0, x_val_others]),

@@ -18,6 +18,8 @@ from pipelines.preprocessing import CLASSES, NOT_A_DIGIT, as_batch
 from pipelines.train import (
     TrainSettings,
     calibrated_model,
+    canvas_digits,
+    crowded_digits,
     early_weights_in_average,
     fit_refusal_shift,
     fit_temperature,
@@ -300,9 +302,27 @@ def test_training_data_mixes_in_the_non_digits_at_their_share(tmp_path):
     assert (data["y_val"] == NOT_A_DIGIT).sum() == 20 and (data["y_val"] < 10).sum() == 500
 
 
+def test_digits_drawn_on_the_pad_and_cut_from_pairs_train_under_their_labels(tmp_path):
+    digits, labels = read_split(SHARED_MNIST, "t10k")
+    drawn, drawn_labels = canvas_digits(digits[:300], labels[:300], 40, seed=3)
+    again, _ = canvas_digits(digits[:300], labels[:300], 40, seed=3)
+    np.testing.assert_array_equal(drawn, again)
+    assert drawn.shape == (40, 28, 28) and set(drawn_labels) <= set(labels[:300])
+    crowded, crowded_labels = crowded_digits(digits[:300], labels[:300], 40, seed=3)
+    assert crowded.shape == (40, 28, 28) and crowded.min() >= 0.0 and crowded.max() <= 1.0
+    assert set(crowded_labels) <= set(labels[:300]) and len(set(crowded_labels)) > 3
+    mnist, others, _ = small_prepared_split(tmp_path)
+    run = settings(not_digit_share=0.2, canvas_digits=100, crowded_digits=50)
+    data = load_data(mnist, others, None, run)
+    assert (data["y_train"] < 10).sum() == 2000 + 150  # MNIST's, then the drawn ones
+    assert 0.15 <= (data["y_train"] == NOT_A_DIGIT).mean() <= 0.25  # the share counts them
+
+
 def test_a_small_training_set_is_not_drowned_in_non_digits(tmp_path):
     mnist, others, _ = small_prepared_split(tmp_path)
-    run = settings(not_digit_share=0.2, scribbles=1500, joined_digits=500)
+    run = settings(
+        not_digit_share=0.2, scribbles=1500, joined_digits=500, canvas_digits=0, crowded_digits=0
+    )
     first, again = load_data(mnist, others, None, run), load_data(mnist, others, None, run)
     labels = first["y_train"]
     assert (labels == NOT_A_DIGIT).sum() == 500  # 2,000 digits: a fifth of 2,500 images
