@@ -513,7 +513,7 @@ def with_stock_layers(trained: keras.Model, settings: TrainSettings) -> keras.Mo
 
 
 def fit_member_in_worker(
-    data_paths: tuple[Path, Path, Path | None],
+    data_file: Path,
     settings: TrainSettings,
     member: int,
     threads: int,
@@ -527,7 +527,8 @@ def fit_member_in_worker(
     tf.config.experimental.enable_op_determinism()
     member_settings = dataclasses.replace(settings, seed=settings.seed + member - 1)
     reporter = EpochReporter(queue, member, member_settings, out)
-    data = load_data(*data_paths, settings)  # the same images for every member
+    with np.load(data_file) as saved:  # the parent's images: the same for every member
+        data = {name: saved[name] for name in saved.files}
     fit_member(data, member_settings, f"member_{member}", reporter)
 
 
@@ -570,9 +571,10 @@ def run_workers(
 
 
 def train(
-    data_paths: tuple[Path, Path, Path | None], settings: TrainSettings, workdir: Path
+    data: dict[str, np.ndarray], settings: TrainSettings, workdir: Path
 ) -> tuple[list[keras.Model], EpochLog]:
-    """Fit `members` networks from consecutive seeds in parallel workers."""
+    """Fit `members` networks from consecutive seeds in parallel workers, on `data`
+    (load_data's), which they read from one file in `workdir` rather than draw again."""
     processes, threads = worker_layout(settings.members, len(os.sched_getaffinity(0)))
     log.info(
         "training %d member(s), %d at a time with %d thread(s) each",
@@ -584,11 +586,13 @@ def train(
     queue = context.Queue()
     epochs = EpochLog(settings.epochs)
     paths = [workdir / f"member_{member}.keras" for member in range(1, settings.members + 1)]
+    data_file = workdir / "data.npz"
+    np.savez(data_file, **data)
     for first in range(0, settings.members, processes):
         wave = {
             member: context.Process(
                 target=fit_member_in_worker,
-                args=(data_paths, settings, member, threads, queue, paths[member - 1]),
+                args=(data_file, settings, member, threads, queue, paths[member - 1]),
                 name=f"member {member}",
             )
             for member in range(first + 1, min(first + processes, settings.members) + 1)
@@ -732,7 +736,7 @@ def main() -> None:
     with tracking.start_training_run(params, settings.precision, lineage, datasets) as run:
         started = time.perf_counter()
         with tempfile.TemporaryDirectory() as workdir:
-            members, epochs = train(data_paths, settings, Path(workdir))
+            members, epochs = train(data, settings, Path(workdir))
         seconds = time.perf_counter() - started
         model, temperature, shift = calibrated_model(members, data, settings.max_digit_refusal)
         images = settings.members * settings.epochs * len(data["x_train"])

@@ -359,14 +359,15 @@ def tracking(tmp_path):
 
 @pytest.mark.slow
 def test_members_train_in_parallel_workers_and_the_model_averages_them(tmp_path, tracking):
-    data = small_prepared_split(tmp_path)
+    paths = small_prepared_split(tmp_path)
     run = settings(members=2, epochs=1, batch_size=100)
+    data = load_data(*paths, run)
     members, epochs = train(data, run, tmp_path)
-    model, _, _ = calibrated_model(members, load_data(*data, run), 0.01)
+    model, _, _ = calibrated_model(members, data, 0.01)
 
     members = [layer for layer in model.layers if isinstance(layer, keras.Model)]
     assert [member.name for member in members] == ["member_1", "member_2"]
-    images = as_batch(load_prepared(data[0])["x_val"][:16].astype(np.float32) / 255.0)
+    images = as_batch(load_prepared(paths[0])["x_val"][:16].astype(np.float32) / 255.0)
     first, second = (member(images).numpy() for member in members)
     assert not np.allclose(first, second)  # seeds seed and seed + 1 give different networks
     np.testing.assert_allclose(model(images).numpy(), (first + second) / 2, atol=1e-6)
@@ -375,7 +376,7 @@ def test_members_train_in_parallel_workers_and_the_model_averages_them(tmp_path,
 
 @pytest.mark.slow
 def test_a_member_that_fails_stops_training_with_an_error(tmp_path, tracking):
-    data = small_prepared_split(tmp_path)
     broken = settings(members=2, epochs=1, filters=(0, 8, 16))  # rejected inside each worker
+    data = load_data(*small_prepared_split(tmp_path), broken)
     with pytest.raises(RuntimeError, match="training failed in member 1, member 2"):
         train(data, broken, tmp_path)
