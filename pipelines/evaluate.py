@@ -301,6 +301,27 @@ def canvas_robustness(
     return accuracy, refusals
 
 
+def drawn_not_digits_refused(
+    classify: Classifier, images: np.ndarray, settings: EvaluateSettings
+) -> dict[str, float]:
+    """Share of non-digit drawings (28x28 uint8, light ink on black) refused when drawn on the
+    pad and read as the service reads them: by /predict (not a digit, or several digits) and
+    by /read (some mark not a digit; a drawing split into sure digits is read as a number)."""
+    rng = np.random.default_rng(settings.canvas_seed)
+    style = CANVAS_STYLES["centred"]
+    drawings = [render_on_canvas(image, style, settings.canvas_size, rng) for image in images]
+    singles = [plan_single(ink_map(d), working_scale(d), d.size) for d in drawings]
+    by_predict = [
+        _refuses(plan, rows)
+        for plan, rows in zip(singles, classify_plans(singles, classify), strict=True)
+    ]
+    readings = read_plans([reading_plan(drawing) for drawing in drawings], classify)
+    by_read = [not all(mark.is_digit for mark in marks) for marks in readings]
+    shares = {"predict": _share(by_predict), "read": _share(by_read)}
+    log.info("held-out non-digits drawn on the pad, refused: %s", shares)
+    return shares
+
+
 def _refuses(plan: SingleDigitPlan, probabilities: np.ndarray) -> bool:
     try:
         plan.digit(probabilities)
@@ -388,13 +409,18 @@ def read_numbers(
     numbers = iter(numbers)
     while chunk := list(itertools.islice(numbers, NUMBER_CHUNK)):
         plans = [reading_plan(drawn.image) for drawn in chunk]
-        splits = [
-            plan.splits(rows)
-            for plan, rows in zip(plans, classify_plans(plans, classify), strict=True)
-        ]
-        answers = classify_plans(splits, classify)
-        for drawn, plan, split, rows in zip(chunk, plans, splits, answers, strict=True):
-            yield drawn, split.marks(rows), oracle_marks(drawn, plan)
+        for drawn, plan, marks in zip(chunk, plans, read_plans(plans, classify), strict=True):
+            yield drawn, marks, oracle_marks(drawn, plan)
+
+
+def read_plans(plans: Sequence[ReadingPlan], classify: Classifier) -> list[list[Mark]]:
+    """The marks of each plan as read_marks reads them: one model call for every plan's marks,
+    then one for every piece of the marks that may hold several digits."""
+    splits = [
+        plan.splits(rows) for plan, rows in zip(plans, classify_plans(plans, classify), strict=True)
+    ]
+    answers = classify_plans(splits, classify)
+    return [split.marks(rows) for split, rows in zip(splits, answers, strict=True)]
 
 
 def oracle_marks(number: RenderedNumber, plan: ReadingPlan) -> list[Mark]:
@@ -563,6 +589,9 @@ def main() -> None:
     ece, reliability = calibration_table(digits, labels, settings.calibration_bins)
     canvas, canvas_refused = canvas_robustness(classify, images, labels, settings)
     numbers, segmentation, examples = evaluate_numbers(classify, images, labels, settings)
+    drawn_not_digits = drawn_not_digits_refused(
+        classify, others["images"][others["split"] == "test"], settings
+    )
     letters = letters_refused(
         classify,
         LetterSettings.from_section(params["download"]["letters"]),
@@ -594,6 +623,7 @@ def main() -> None:
         "canvas_refusals": canvas_refused,
         "numbers": numbers,
         "segmentation": segmentation,
+        "not_digits_drawn_refused": drawn_not_digits,
         "letters": letters,
         "per_class": per_class_scores(counts),
     }

@@ -15,6 +15,7 @@ from pipelines.evaluate import (
     classify_plans,
     confusion_matrix,
     describe_reading,
+    drawn_not_digits_refused,
     evaluate_numbers,
     letters_refused,
     log_loss,
@@ -328,3 +329,18 @@ def test_settings_reject_single_digit_numbers():
         EvaluateSettings.from_params({**SETTINGS, "number_lengths": [1, 2]})
     with pytest.raises(ValueError, match="lacks number_seed"):
         EvaluateSettings.from_params({k: v for k, v in SETTINGS.items() if k != "number_seed"})
+
+
+def test_non_digits_drawn_on_the_pad_are_counted_refused_as_predict_and_read_answer(test_digits):
+    images, _ = test_digits
+    settings = EvaluateSettings.from_params(SETTINGS)
+
+    def answering(label: int) -> Classifier:
+        return lambda inputs: np.eye(CLASSES, dtype=np.float32)[[label] * len(inputs)]
+
+    refused_all = drawn_not_digits_refused(answering(NOT_A_DIGIT), images[:5], settings)
+    assert refused_all == {"predict": 1.0, "read": 1.0}
+    assert drawn_not_digits_refused(answering(3), images[:5], settings) == {
+        "predict": 0.0,
+        "read": 0.0,
+    }
