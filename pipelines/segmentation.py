@@ -47,8 +47,11 @@ SAME_MARK_OVERLAP = 0.4  # strokes sharing this share of the narrower one's colu
 MARK_MARGIN = 16  # faint ink (soft edges) this near a mark's strokes (ink-map pixels) is its
 SPLIT_ASPECT = 1.1  # a mark at least this wide for its height may hold touching digits
 DOUBT_ASPECT = 0.6  # a narrower mark only when the model doubts it is one digit (two 1s, a 17)
-SURE_DIGIT = 0.9  # ...which is when it is not a digit or a digit less sure than this
+SURE_DIGIT = 0.9  # ...which is when it is a digit less sure than this
+SURE_NOT_A_DIGIT = 0.99  # or not a digit, less sure than this (a letter stays whole)
 MAX_DIGIT_ASPECT = 1.3  # no piece of a split is wider than this for the mark's height
+MIN_PIECE_HEIGHT = 0.6  # nor lower than this share of the mark's height (the digits of a
+# number are about as tall as each other; the strokes of an M or a W are not digits)
 MIN_PIECE_ASPECT = 0.12  # nor narrower than this (a 1 is narrow, but not a sliver)
 MAX_CUTS = 6  # candidate cuts tried per mark
 CUT_BAND = 0.4  # a cut may bend this far (share of the mark's height) from its column
@@ -63,7 +66,13 @@ SPLIT_MIN_CONFIDENCE = 0.8  # every piece of a chosen split must be a digit at l
 # of marks 1.1 times wider than tall read 0.690 of the numbers exactly; a second pass for the
 # doubted marks from 0.6 (straight cuts) 0.738; cuts bending 0.25 of the height 0.794, 0.4:
 # 0.808 (37 of 40 scribbles refused, 38 before). Pieces 0.6 sure, or a penalty of 0.5, moved
-# it by at most 3 numbers in 500; dropping a neighbour's bits from pieces, 1.
+# it by at most 3 numbers in 500; dropping a neighbour's bits from pieces, 1. With the model
+# trained on canvas and crowded digits: 0.830; pieces 0.6 sure 0.842 but 8.5% of the validation
+# alphabets' drawings read as numbers (0.8: 5.0%, 0.9: 3.5% and 0.810). Bent cuts made an M
+# three sure 1s, its strokes: pieces at least 0.6 of the mark's height keep it whole (0.820;
+# 0.75: 0.778). But the fast preset's model still read the page's M, a mark as wide as a digit
+# and surely not one, as "14": such a mark now stays whole unless the model doubts it (0.742
+# of the numbers; 4.5% of the validation alphabets read as numbers; doubting below 0.9: 0.724).
 SEVERAL_DIGITS_CONFIDENCE = 0.8  # /predict refuses when two marks are digits at least this sure
 
 
@@ -151,7 +160,10 @@ class _Candidate:
         aspect = self.box.width / self.box.height
         if aspect >= SPLIT_ASPECT:
             return True
-        doubted = _is_not_a_digit(whole) or float(digit_probabilities(whole).max()) < SURE_DIGIT
+        if _is_not_a_digit(whole):
+            doubted = float(whole[NOT_A_DIGIT]) < SURE_NOT_A_DIGIT
+        else:
+            doubted = float(digit_probabilities(whole).max()) < SURE_DIGIT
         return aspect >= DOUBT_ASPECT and doubted
 
 
@@ -315,13 +327,14 @@ def _split_candidates(
             inside = (across >= paths[start][:, None]) & (across < paths[end][:, None])
             part = np.where(inside, piece, 0.0)
             solid = part >= INK_THRESHOLD
+            rows = np.flatnonzero(solid.any(axis=1))
             try:
-                if not solid.any():
+                if len(rows) < MIN_PIECE_HEIGHT * height:  # a part of a letter, not a digit
                     raise NoDigitError()
                 pixels = ink_to_input(part)
             except NoDigitError:  # a sliver of another piece: no reading of it
                 continue
-            rows, cols = np.flatnonzero(solid.any(axis=1)), np.flatnonzero(solid.any(axis=0))
+            cols = np.flatnonzero(solid.any(axis=0))
             intervals.append((start, end))
             boxes.append(
                 Box(
