@@ -122,7 +122,7 @@ class Mark:
 
     @property
     def is_digit(self) -> bool:
-        return int(np.argmax(self.probabilities)) != NOT_A_DIGIT
+        return not _is_not_a_digit(self.probabilities)
 
     @property
     def digit(self) -> int:
@@ -172,7 +172,7 @@ class _Span:
     """Candidate pieces of one mark: the inputs of every interval between its cuts but the
     whole mark (read in the first pass)."""
 
-    intervals: list[tuple[int, int]]  # index pairs into the mark's cuts, (0, last) the whole
+    intervals: list[tuple[int, int]]  # index pairs into the mark's cuts
     cuts: int  # how many cuts, the mark's two edges included
     boxes: list[Box]
     first_input: int  # index of the first interval's input in the split plan's inputs
@@ -328,9 +328,9 @@ def _split_candidates(
             part = np.where(inside, piece, 0.0)
             solid = part >= INK_THRESHOLD
             rows = np.flatnonzero(solid.any(axis=1))
+            if len(rows) < MIN_PIECE_HEIGHT * height:  # a part of a letter, not a digit
+                continue
             try:
-                if len(rows) < MIN_PIECE_HEIGHT * height:  # a part of a letter, not a digit
-                    raise NoDigitError()
                 pixels = ink_to_input(part)
             except NoDigitError:  # a sliver of another piece: no reading of it
                 continue
