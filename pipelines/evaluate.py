@@ -10,7 +10,8 @@ what predicts how the product feels, always through the functions the service it
   touching or overlapping, read mark by mark; and, to tell the splitting apart from the
   classifier, the same drawings read by an oracle that knows which digit each crop holds;
 - drawings that are not digits (held-out Omniglot alphabets): how many are refused, and how well
-  P(not a digit) separates them from MNIST test digits (AUROC).
+  the probability of no single digit (not a digit, or several) separates them from MNIST test
+  digits (AUROC).
 
 `test_accuracy` stays the accuracy of the best of the ten digits on MNIST's test images, as MNIST
 is scored and as earlier ten-class models were: a digit refused as "not a digit" counts by its
@@ -44,7 +45,16 @@ from pipelines.drawing import (
     render_on_canvas,
 )
 from pipelines.letters import LetterSettings, draw_letters
-from pipelines.preprocessing import CLASSES, LABELS, NOT_A_DIGIT, as_batch, ink_map
+from pipelines.preprocessing import (
+    CLASSES,
+    LABELS,
+    NOT_A_DIGIT,
+    SEVERAL_DIGITS,
+    as_batch,
+    ink_map,
+    not_one_digit,
+    refused,
+)
 from pipelines.segmentation import (
     NO_ANSWERS,
     Box,
@@ -140,14 +150,15 @@ def letters_refused(
 
 
 def predict_probabilities(model: keras.Model, images: np.ndarray, batch_size: int) -> np.ndarray:
-    """(N, 28, 28) images in [0, 1] -> (N, CLASSES) probabilities: ten digits, not a digit."""
+    """(N, 28, 28) images in [0, 1] -> (N, CLASSES) probabilities: ten digits, not a digit,
+    several digits."""
     if len(images) == 0:
         return np.zeros((0, CLASSES), dtype=np.float32)
     probabilities = np.asarray(model.predict(as_batch(images), batch_size=batch_size, verbose=0))
     if probabilities.shape[1] != CLASSES:
         raise ValueError(
             f"the model answers {probabilities.shape[1]} classes; evaluation needs {CLASSES} "
-            "(the ten digits, then not a digit)"
+            "(the ten digits, not a digit, several digits)"
         )
     return probabilities
 
@@ -247,11 +258,6 @@ def auroc(positives: np.ndarray, negatives: np.ndarray) -> float:
     positive_rank_sum = float(mean_ranks[inverse[: len(positives)]].sum())
     u = positive_rank_sum - len(positives) * (len(positives) + 1) / 2.0
     return u / (len(positives) * len(negatives))
-
-
-def refused(probabilities: np.ndarray) -> np.ndarray:
-    """Whether the model's answer is "not a digit": argmax over all its classes."""
-    return np.asarray(probabilities).argmax(axis=1) == NOT_A_DIGIT
 
 
 # ---- Reading drawings as the service does ------------------------------------------------------
@@ -373,12 +379,17 @@ def describe_reading(number: RenderedNumber, marks: Sequence[Mark]) -> NumberRea
 
 def oracle_probabilities(number: RenderedNumber, boxes: Sequence[Box]) -> np.ndarray:
     """A perfect classifier's answers for crops of a drawn number: the label of the digit a crop
-    holds (RenderedNumber.digit_in), certain; "not a digit", certain, for a piece of a digit or
-    several digits. Reading with it measures the splitting alone."""
+    holds (RenderedNumber.digit_in), certain; "several digits" for a crop of several, and "not
+    a digit" for a piece of one, certain. Reading with it measures the splitting alone."""
     answers = np.zeros((len(boxes), CLASSES), dtype=np.float32)
     for row, box in zip(answers, boxes, strict=True):
         which = number.digit_in(box)
-        row[NOT_A_DIGIT if which is None else number.labels[which]] = 1.0
+        if which is not None:
+            row[number.labels[which]] = 1.0
+        elif number.present_in(box).sum() > 1:
+            row[SEVERAL_DIGITS] = 1.0
+        else:
+            row[NOT_A_DIGIT] = 1.0
     return answers
 
 
@@ -610,9 +621,7 @@ def main() -> None:
         "test_errors": int((predicted != labels).sum()),
         "test_digits_refused": round(float(refused(probabilities).mean()), 4),
         "test_not_digits_refused": round(float(refused(not_digits).mean()), 4),
-        "not_digit_auroc": round(
-            auroc(not_digits[:, NOT_A_DIGIT], probabilities[:, NOT_A_DIGIT]), 4
-        ),
+        "not_digit_auroc": round(auroc(not_one_digit(not_digits), not_one_digit(probabilities)), 4),
         "expected_calibration_error": round(ece, 4),
         "canvas_accuracy": canvas["mean"],
         "canvas_refused": canvas_refused["mean"],

@@ -46,6 +46,7 @@ from pipelines.download import write_npz
 from pipelines.preprocessing import (
     IMAGE_SIZE,
     NOT_A_DIGIT,
+    SEVERAL_DIGITS,
     ImageError,
     decode_image,
     ink_map,
@@ -87,7 +88,8 @@ class Example:
 
 def examples_of(png: bytes, label: str) -> Example | None:
     """The training examples of one labelled drawing, or None when it cannot give any: an
-    unreadable image, or a number whose marks do not match its digits one to one."""
+    unreadable image, or a number whose marks do not match its digits one to one (a number
+    drawn as one mark, its digits touching, is one example of several digits)."""
     try:
         ink = ink_map(decode_image(png))
         if label == NOT_A_DIGIT_LABEL or len(label) == 1:
@@ -97,10 +99,15 @@ def examples_of(png: bytes, label: str) -> Example | None:
     except ImageError:
         return None
     classes = (NOT_A_DIGIT,) if label == NOT_A_DIGIT_LABEL else tuple(int(d) for d in label)
+    if len(classes) > 1 and len(inputs) == 1:
+        return Example(_stored(inputs), (SEVERAL_DIGITS,))  # one mark of touching digits
     if len(inputs) != len(classes):
         return None
-    pixels = np.round(np.stack(inputs) * 255).astype(np.uint8)
-    return Example(pixels, classes)
+    return Example(_stored(inputs), classes)
+
+
+def _stored(inputs: list[np.ndarray]) -> np.ndarray:
+    return np.round(np.stack(inputs) * 255).astype(np.uint8)
 
 
 def split_of(key: str, settings: FeedbackSettings) -> str:

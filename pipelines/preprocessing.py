@@ -26,12 +26,14 @@ import pyspng
 from PIL import Image, ImageSequence
 
 # v2: the model's input is unchanged, but it answers CLASSES (digits, then not a digit).
-PREPROCESSING_VERSION = "mnist-box20-com-v2"
+# v3: and then several digits.
+PREPROCESSING_VERSION = "mnist-box20-com-v3"
 IMAGE_SIZE = 28
 INPUT_SHAPE = (IMAGE_SIZE, IMAGE_SIZE, 1)
 LABELS = tuple(range(10))  # class index i is the digit i
-NOT_A_DIGIT = len(LABELS)  # the model's last class: letters, symbols, scribbles
-CLASSES = len(LABELS) + 1  # the model's outputs: the ten digits, then NOT_A_DIGIT
+NOT_A_DIGIT = len(LABELS)  # the model's eleventh class: letters, symbols, scribbles
+SEVERAL_DIGITS = len(LABELS) + 1  # its last: one mark of touching digits (split it, not refuse)
+CLASSES = len(LABELS) + 2  # the model's outputs: the ten digits, NOT_A_DIGIT, SEVERAL_DIGITS
 DIGIT_BOX = 20  # MNIST fits every digit into a 20x20 box inside the 28x28 frame
 
 ACCEPTED_FORMATS = frozenset({"PNG", "JPEG", "GIF", "BMP", "WEBP"})
@@ -190,6 +192,16 @@ def bytes_to_input(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarra
 def as_batch(images: np.ndarray) -> np.ndarray:
     """Shape (N, 28, 28) images in [0, 1] as the model's (N, 28, 28, 1) float32 input."""
     return np.asarray(images, dtype=np.float32).reshape((-1, *INPUT_SHAPE))
+
+
+def refused(probabilities: np.ndarray) -> np.ndarray:
+    """Whether the model's answer (..., CLASSES) is no single digit: not a digit, or several."""
+    return np.argmax(probabilities, axis=-1) >= NOT_A_DIGIT
+
+
+def not_one_digit(probabilities: np.ndarray) -> np.ndarray:
+    """The probability that an input is no single digit: the score that decides a refusal."""
+    return np.asarray(probabilities)[..., NOT_A_DIGIT:].sum(axis=-1)
 
 
 def _has_transparency(image: Image.Image) -> bool:

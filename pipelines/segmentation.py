@@ -3,19 +3,20 @@
 A drawing may also hold a whole number. `plan_reading` splits it into marks, left to right:
 strokes whose columns overlap belong to one mark (a 4 or a 5 drawn in two strokes, a crossed 7),
 and the model reads each mark whole. A mark that may hold touching digits (wider than a digit,
-or narrower but not a digit the model is sure of) is then cut where the least ink crosses, by
-cuts that bend around strokes, and every piece between two cuts is classified in a second
-model call; the most probable split wins, or the whole mark. A number whose digits stand apart
-(the common case) needs one call. `plan_single` is the one-digit reading of /predict, which
-refuses several digits and non-digits. All are plans: the caller runs the model on
-`plan.inputs` (one batch) and hands the probabilities back, so the service can batch the model
-calls and evaluation can run Keras.
+or narrower and either read as several digits or doubted) is then cut where the least ink
+crosses, by cuts that bend around strokes, and every piece between two cuts is classified in a
+second model call; the most probable split wins, or the whole mark. A number whose digits
+stand apart (the common case) needs one call. `plan_single` is the one-digit reading of
+/predict, which refuses several digits and non-digits. All are plans: the caller runs the model
+on `plan.inputs` (one batch) and hands the probabilities back, so the service can batch the
+model calls and evaluation can run Keras.
 
 This is part of the contract between evaluation and serving (the service's /read and /predict
 and the evaluate stage import it), but not of training, which sees single marks only: the
 splitting can be changed without retraining. How well it splits still rests on the model, whose
 answer on a whole mark competes with every split of it (a model that reads two touching digits
-as one sure digit keeps them whole).
+as one sure digit keeps them whole), and which tells several digits (split them) from a letter
+(refuse it).
 """
 
 from __future__ import annotations
@@ -34,19 +35,23 @@ from pipelines.preprocessing import (
     MIN_CONTRAST,
     MIN_INK_PIXELS,
     NOT_A_DIGIT,
+    SEVERAL_DIGITS,
     SPECK_FRACTION,
     ImageError,
     NoDigitError,
     ink_map,
     ink_to_input,
     label_strokes,
+    not_one_digit,
+    refused,
     shrink_factor,
 )
 
 SAME_MARK_OVERLAP = 0.4  # strokes sharing this share of the narrower one's columns: one mark
 MARK_MARGIN = 16  # faint ink (soft edges) this near a mark's strokes (ink-map pixels) is its
 SPLIT_ASPECT = 1.1  # a mark at least this wide for its height may hold touching digits
-DOUBT_ASPECT = 0.6  # a narrower mark only when the model doubts it is one digit (two 1s, a 17)
+DOUBT_ASPECT = 0.6  # a narrower mark only when the model reads it as several digits, or doubts
+# it is one digit or not a digit (two 1s, a 17)
 SURE_DIGIT = 0.9  # ...which is when it is a digit less sure than this
 SURE_NOT_A_DIGIT = 0.99  # or not a digit, less sure than this (a letter stays whole)
 MAX_DIGIT_ASPECT = 1.3  # no piece of a split is wider than this for the mark's height
@@ -88,8 +93,9 @@ class SeveralDigitsError(ImageError):
     """/predict was sent a drawing that clearly holds several digits."""
 
     def __init__(self, marks: list[Mark]) -> None:
+        held = f"{len(marks)} digits" if len(marks) > 1 else "several touching digits"
         super().__init__(
-            f"the drawing holds {len(marks)} digits; /predict reads one, use /read for numbers",
+            f"the drawing holds {held}; /predict reads one, use /read for numbers",
             reason="several_digits",
         )
         self.marks = marks
@@ -136,10 +142,15 @@ class Mark:
 
     @property
     def confidence(self) -> float:
-        """How sure the model is of its answer: the digit's or, if not a digit, that."""
+        """How sure the model is of its answer: the digit's or, if not one digit, that."""
         if self.is_digit:
             return float(self.digit_probabilities[self.digit])
-        return float(self.probabilities[NOT_A_DIGIT])
+        return float(not_one_digit(self.probabilities))
+
+    @property
+    def is_several_digits(self) -> bool:
+        """The model reads the mark as several digits (that the reader did not split)."""
+        return int(np.argmax(self.probabilities)) == SEVERAL_DIGITS
 
 
 def digit_probabilities(probabilities: np.ndarray) -> np.ndarray:
@@ -156,15 +167,19 @@ class _Candidate:
     piece: np.ndarray
 
     def may_hold_several(self, whole: np.ndarray) -> bool:
-        """Wide for one digit, or narrower and the model doubts it is one (its answer `whole`)."""
+        """Wide for one digit, or narrower and the model (its answer `whole`) reads it as
+        several digits or doubts what it is."""
         aspect = self.box.width / self.box.height
         if aspect >= SPLIT_ASPECT:
             return True
-        if _is_not_a_digit(whole):
-            doubted = float(whole[NOT_A_DIGIT]) < SURE_NOT_A_DIGIT
-        else:
-            doubted = float(digit_probabilities(whole).max()) < SURE_DIGIT
-        return aspect >= DOUBT_ASPECT and doubted
+        if aspect < DOUBT_ASPECT:
+            return False
+        answer = int(np.argmax(whole))
+        if answer == SEVERAL_DIGITS:
+            return True
+        if answer == NOT_A_DIGIT:
+            return float(whole[NOT_A_DIGIT]) < SURE_NOT_A_DIGIT
+        return float(digit_probabilities(whole).max()) < SURE_DIGIT
 
 
 @dataclass(frozen=True)
@@ -266,7 +281,8 @@ class SplitPlan:
 
 
 def _is_not_a_digit(probabilities: np.ndarray) -> bool:
-    return int(np.argmax(probabilities)) == NOT_A_DIGIT
+    """No single digit: not a digit, or several."""
+    return bool(refused(probabilities))
 
 
 def _best_split(span: _Span, probabilities: np.ndarray, whole: np.ndarray) -> list[int] | None:
@@ -368,8 +384,8 @@ class SingleDigitPlan:
         sure_digits = [
             mark for mark in marks if mark.is_digit and mark.confidence >= SEVERAL_DIGITS_CONFIDENCE
         ]
-        if len(sure_digits) >= 2:
-            raise SeveralDigitsError(marks)
+        if len(sure_digits) >= 2 or whole.is_several_digits:
+            raise SeveralDigitsError(marks or [whole])
         if not whole.is_digit:
             raise NotADigitError("the drawing is not a digit", marks or [whole])
         return whole

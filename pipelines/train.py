@@ -9,7 +9,8 @@ probabilities and the threshold for "not a digit", and the test set is never tou
 
 The model has an eleventh class, NOT_A_DIGIT, learnt from the non-digit drawings the download
 stage prepares (Omniglot characters of the training alphabets, letters and symbols drawn from
-pen-stroke fonts), from synthetic scribbles and from two or three digits drawn touching. Some
+pen-stroke fonts) and from synthetic scribbles, and a twelfth, SEVERAL_DIGITS, learnt from two
+or three digits drawn touching: the reader splits such a mark and refuses a letter. Some
 training digits are also drawn on the page's pad and read back, and some cut out of touching
 pairs with their neighbour's bits, as the reader cuts them (`canvas_digits`, `crowded_digits`):
 every non-digit comes through the preprocessing contract, and so do the digits people draw. How
@@ -61,9 +62,11 @@ from pipelines.preprocessing import (
     INPUT_SHAPE,
     NOT_A_DIGIT,
     PREPROCESSING_VERSION,
+    SEVERAL_DIGITS,
     as_batch,
     ink_map,
     ink_to_input,
+    refused,
     shrink_factor,
 )
 
@@ -72,6 +75,7 @@ log = logging.getLogger("train")
 JOINED_CANVAS = (840, 280)  # the pad joined digits are drawn on: the evaluate stage's numbers'
 JOINED_PAIRS = 0.7  # share of joined drawings with two digits; the rest have three
 JOINED_TOUCHING = 0.7  # share of joins where the inks touch; the rest overlap a little
+VALIDATION_JOINED = 500  # joined validation digits: the temperature is fitted on every class
 PAD_SIDE = 280  # the page's square pad, on which canvas digits are drawn
 PAD_DIGIT_SIZE = (0.2, 0.95)  # a canvas digit's size as a share of the pad side, drawn uniformly
 PAD_STROKE = (-0.8, 1.2)  # its pen thinned or thickened by up to this many MNIST pixels
@@ -302,9 +306,10 @@ def joined_digits(digits: np.ndarray, count: int, seed: int) -> np.ndarray:
     """`count` drawings of two or three MNIST training digits whose ink touches or overlaps,
     drawn as the page's pad would show a number (`pipelines.drawing`) and read as one mark.
 
-    One mark holding several digits is not one digit: trained as NOT_A_DIGIT, these teach the
-    model to refuse such a mark, so that the reader prefers splitting it into digits
-    (`pipelines.segmentation` weighs the whole mark against every split of it).
+    One mark holding several digits is not one digit, nor a letter: trained as SEVERAL_DIGITS,
+    these teach the model to tell such a mark, which the reader then splits into digits
+    (`pipelines.segmentation` weighs the whole mark against every split of it), from a letter,
+    which it refuses.
     """
     rng = np.random.default_rng(seed)
     images = np.empty((count, *INPUT_SHAPE[:2]), dtype=np.float32)
@@ -386,8 +391,9 @@ def load_data(
     mnist: Path, not_digits: Path, corrections: Path | None, settings: TrainSettings
 ) -> dict[str, np.ndarray]:
     """Training and validation images as float inputs in [0, 1] with labels, non-digits
-    labelled NOT_A_DIGIT: MNIST's splits, the non-digit drawings' (by alphabet), scribbles and
-    joined digits, repeated to make at least `not_digit_share` of the training images, and
+    labelled NOT_A_DIGIT and joined digits SEVERAL_DIGITS: MNIST's splits, the non-digit
+    drawings' (by alphabet), scribbles and joined digits, repeated to make at least
+    `not_digit_share` of the training images, and
     users' accepted corrections (train split repeated `corrections_weight` times; validation
     split as is)."""
     (x_train, y_train), (x_val, y_val) = _load_without_corrections(mnist, not_digits, settings)
@@ -419,37 +425,45 @@ def _load_without_corrections(
         canvas_digits(digits["x_train"][:count], y_train, settings.canvas_digits, settings.seed),
         crowded_digits(digits["x_train"][:count], y_train, settings.crowded_digits, settings.seed),
     ]
-    pool = np.concatenate(
+    not_digits = np.concatenate(
         [
             others["images"][others["split"] == "train"].astype(np.float32) / 255.0,
             scribbles(settings.scribbles, settings.seed),
-            joined_digits(digits["x_train"][:count], settings.joined_digits, settings.seed),
         ]
     )
+    joined = joined_digits(digits["x_train"][:count], settings.joined_digits, settings.seed)
+    pool = np.concatenate([not_digits, joined])
+    pool_labels = np.repeat([NOT_A_DIGIT, SEVERAL_DIGITS], [len(not_digits), len(joined)])
     digit_count = count + sum(len(labels) for _, labels in drawn)
-    pool = _at_share(
-        pool, settings.not_digit_share / (1.0 - settings.not_digit_share) * digit_count
+    kept = _at_share(
+        len(pool), settings.not_digit_share / (1.0 - settings.not_digit_share) * digit_count
     )
     x_val_others = others["images"][others["split"] == "validation"].astype(np.float32) / 255.0
+    x_val_joined = joined_digits(digits["x_val"], VALIDATION_JOINED, settings.seed)
     train = (
-        np.concatenate([x_train, *(images for images, _ in drawn), pool]),
-        np.concatenate(
-            [y_train, *(labels for _, labels in drawn), np.full(len(pool), NOT_A_DIGIT)]
-        ),
+        np.concatenate([x_train, *(images for images, _ in drawn), pool[kept]]),
+        np.concatenate([y_train, *(labels for _, labels in drawn), pool_labels[kept]]),
     )
     validation = (
-        np.concatenate([digits["x_val"].astype(np.float32) / 255.0, x_val_others]),
-        np.concatenate([digits["y_val"], np.full(len(x_val_others), NOT_A_DIGIT)]),
+        np.concatenate([digits["x_val"].astype(np.float32) / 255.0, x_val_others, x_val_joined]),
+        np.concatenate(
+            [
+                digits["y_val"],
+                np.full(len(x_val_others), NOT_A_DIGIT),
+                np.full(len(x_val_joined), SEVERAL_DIGITS),
+            ]
+        ),
     )
     return train, validation
 
 
-def _at_share(pool: np.ndarray, wanted: float) -> np.ndarray:
-    """The pool repeated to about `wanted` images, or a fixed sample of `wanted` of them when
-    it holds more: a small training set (`max_train_images`) is not drowned in non-digits."""
-    if len(pool) > wanted:
-        return pool[np.sort(np.random.default_rng(0).permutation(len(pool))[: round(wanted)])]
-    return np.concatenate([pool] * max(1, round(wanted / len(pool))))
+def _at_share(size: int, wanted: float) -> np.ndarray:
+    """Indices into a pool of `size` images, repeated to about `wanted`, or a fixed sample of
+    `wanted` of them when it holds more: a small training set (`max_train_images`) is not
+    drowned in non-digits."""
+    if size > wanted:
+        return np.sort(np.random.default_rng(0).permutation(size)[: round(wanted)])
+    return np.tile(np.arange(size), max(1, round(wanted / size)))
 
 
 def fit_member(
@@ -651,16 +665,16 @@ def fit_temperature(member_probabilities: list[np.ndarray], labels: np.ndarray) 
 def fit_refusal_shift(
     member_probabilities: list[np.ndarray], labels: np.ndarray, max_digit_refusal: float
 ) -> float:
-    """The largest push on the NOT_A_DIGIT logit that refuses at most `max_digit_refusal` of the
-    validation digits: as many non-digits refused as that allows."""
+    """The largest push on the NOT_A_DIGIT logit that refuses (as not a digit or as several) at
+    most `max_digit_refusal` of the validation digits: as many non-digits refused as that
+    allows."""
     log_probabilities = [np.log(np.clip(p, 1e-12, 1.0)) for p in member_probabilities]
-    is_digit = labels != NOT_A_DIGIT
+    is_digit = labels < NOT_A_DIGIT
     for shift in np.linspace(8.0, -8.0, 321):
         push = np.zeros(CLASSES)
         push[NOT_A_DIGIT] = shift
         averaged = np.mean([softmax(logs + push) for logs in log_probabilities], axis=0)
-        refused = averaged.argmax(axis=1) == NOT_A_DIGIT
-        if refused[is_digit].mean() <= max_digit_refusal:
+        if refused(averaged)[is_digit].mean() <= max_digit_refusal:
             return float(shift)
     return -8.0
 
@@ -688,17 +702,21 @@ def calibrated_model(
 def validation_scores(model: keras.Model, data: dict[str, np.ndarray]) -> dict[str, float]:
     """The final model (averaged weights, whole ensemble) on validation: digit accuracy (the
     best of the ten digits, as MNIST is scored), loss over all classes, and the share of
-    digits and of non-digits (held-out alphabets) refused as not a digit."""
+    digits refused (as not a digit or as several), of non-digits (held-out alphabets) refused,
+    and of joined validation digits read as several."""
     x_val, y_val = data["x_val"], data["y_val"]
     probabilities = np.asarray(model.predict(x_val, batch_size=1000, verbose=0))
-    is_digit = y_val != NOT_A_DIGIT
-    refused = probabilities.argmax(axis=1) == NOT_A_DIGIT
+    is_digit = y_val < NOT_A_DIGIT
+    answers = probabilities.argmax(axis=1)
     digits_read = probabilities[is_digit, :NOT_A_DIGIT].argmax(axis=1)
     return {
         "val_accuracy": float((digits_read == y_val[is_digit]).mean()),
         "val_loss": log_loss(probabilities, y_val),
-        "val_digits_refused": float(refused[is_digit].mean()),
-        "val_not_digits_refused": float(refused[~is_digit].mean()),
+        "val_digits_refused": float(refused(probabilities)[is_digit].mean()),
+        "val_not_digits_refused": float(refused(probabilities)[y_val == NOT_A_DIGIT].mean()),
+        "val_several_digits_found": float(
+            (answers[y_val == SEVERAL_DIGITS] == SEVERAL_DIGITS).mean()
+        ),
     }
 
 

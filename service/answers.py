@@ -124,6 +124,7 @@ def not_a_digit_refusal(marks: list[Mark]) -> JSONResponse:
     for mark in marks:
         entry: dict[str, Any] = digit_reading(mark).model_dump()
         entry["is_digit"] = mark.is_digit
+        entry["several_digits"] = mark.is_several_digits  # touching digits it could not split
         if not mark.is_digit:
             entry["digit"] = None  # `confidence` is then how sure the model is it is no digit
         entries.append(entry)
@@ -133,14 +134,17 @@ def not_a_digit_refusal(marks: list[Mark]) -> JSONResponse:
 
 def not_a_digit_message(marks: list[Mark]) -> str:
     """'mark 2 of 3 is not a digit', 'marks 1 and 3 of 4 are not digits', or, for a drawing of
-    one mark, 'the drawing is not a digit'."""
+    one mark, 'the drawing is not a digit'; with a hint when some are touching digits."""
+    hint = ""
+    if any(mark.is_several_digits for mark in marks):
+        hint = " (digits that touch could not be told apart: leave a gap between them)"
     if len(marks) == 1:
-        return "the drawing is not a digit"
+        return "the drawing is not a digit" + hint
     positions = [str(number) for number, mark in enumerate(marks, start=1) if not mark.is_digit]
     if len(positions) == 1:
-        return f"mark {positions[0]} of {len(marks)} is not a digit"
+        return f"mark {positions[0]} of {len(marks)} is not a digit{hint}"
     listed = f"{', '.join(positions[:-1])} and {positions[-1]}"
-    return f"marks {listed} of {len(marks)} are not digits"
+    return f"marks {listed} of {len(marks)} are not digits{hint}"
 
 
 def input_data_url(pixels: np.ndarray) -> str:

@@ -221,8 +221,8 @@ class Digits:
         if self.infer.classes != CLASSES:
             raise RuntimeError(
                 f"model {stored.tag} answers {self.infer.classes} classes, but this code reads "
-                f"{CLASSES} (the digits 0-9, then not-a-digit); package a model trained with "
-                "the current code"
+                f"{CLASSES} (the digits 0-9, not a digit, several digits); package a model trained "
+                "with the current code"
             )
         self.batcher = MicroBatcher(
             self.infer,

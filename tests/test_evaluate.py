@@ -28,7 +28,7 @@ from pipelines.evaluate import (
     refused,
     segmentation_scores,
 )
-from pipelines.preprocessing import CLASSES, NOT_A_DIGIT
+from pipelines.preprocessing import CLASSES, NOT_A_DIGIT, SEVERAL_DIGITS
 from pipelines.segmentation import Box, Classifier, read_marks
 from tests.helpers import letter_settings
 
@@ -245,12 +245,15 @@ def test_oracle_reads_touching_digits_right_or_not_at_all(test_digits):
         )
 
 
-def test_oracle_refuses_crops_of_several_digits(test_digits):
+def test_oracle_reads_crops_of_several_digits_as_several_and_of_half_a_digit_as_none(
+    test_digits,
+):
     number = draw(test_digits, 3, 0, touching=0.0, overlapping=0.0)
     boxes = number.boxes
     whole = Box(0, 0, *CANVAS)
-    answers = oracle_probabilities(number, [*boxes, whole])
-    assert answers.argmax(axis=1).tolist() == [*number.labels, NOT_A_DIGIT]
+    half = Box(boxes[0].x, boxes[0].y, boxes[0].width, boxes[0].height // 3)
+    answers = oracle_probabilities(number, [*boxes, whole, half])
+    assert answers.argmax(axis=1).tolist() == [*number.labels, SEVERAL_DIGITS, NOT_A_DIGIT]
 
 
 def test_number_read_exactly_only_when_every_mark_is_the_right_digit():

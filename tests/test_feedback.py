@@ -23,7 +23,7 @@ from pipelines.corrections import CorrectionStore
 from pipelines.download import file_md5, load_prepared, read_split
 from pipelines.drawing import canvas_image
 from pipelines.feedback import FeedbackSettings, examples_of, split_of
-from pipelines.preprocessing import NOT_A_DIGIT
+from pipelines.preprocessing import NOT_A_DIGIT, SEVERAL_DIGITS
 from tests.conftest import serve
 from tests.helpers import REPO, SHARED_MNIST, FastProject, run_in
 from tests.test_web import Feedback, Glyph, centred, launched_chromium, page_opener
@@ -157,6 +157,13 @@ def test_a_number_gives_one_example_per_digit_when_its_marks_match(mnist):
     assert examples_of(png_of(number), label + "7") is None  # four digits, three marks
     assert examples_of(png_of(images[0]), "not_a_digit").classes == (NOT_A_DIGIT,)
     assert examples_of(b"not an image", "7") is None
+
+
+def test_a_number_drawn_as_one_mark_of_touching_digits_teaches_several_digits(mnist):
+    images, labels = mnist
+    joined = np.maximum(np.pad(images[0], ((0, 0), (0, 14))), np.pad(images[1], ((0, 0), (14, 0))))
+    example = examples_of(png_of(joined), f"{labels[0]}{labels[1]}")
+    assert example.classes == (SEVERAL_DIGITS,) and example.inputs.shape == (1, 28, 28)
 
 
 def test_duplicates_count_once_and_conflicting_labels_are_dropped(project, mnist):

@@ -11,6 +11,7 @@ from PIL import Image, ImageDraw
 from pipelines.preprocessing import (
     CLASSES,
     NOT_A_DIGIT,
+    SEVERAL_DIGITS,
     ImageError,
     NoDigitError,
     image_to_input,
@@ -123,6 +124,27 @@ def test_a_mark_about_as_wide_as_a_digit_is_split_only_when_the_model_doubts_it(
     split = plan.splits(probabilities_for(plan.inputs, [NOT_A_DIGIT]))
     marks = split.marks(probabilities_for(split.inputs, [1] * len(split.inputs)))
     assert [mark.digit for mark in marks] == [1, 1]
+
+
+def test_a_mark_the_model_reads_as_several_digits_is_split_even_when_it_is_surely_so():
+    pair = pad_with(*ONE, [(520, 60), (520, 230)], [(400, 140), (520, 140)])  # "11", joined
+    plan = plan_reading(ink_map(pair), working_scale(pair), (840, 280))
+    several = probabilities_for(plan.inputs, [SEVERAL_DIGITS], sure=0.999)
+    split = plan.splits(several)
+    marks = split.marks(probabilities_for(split.inputs, [1] * len(split.inputs)))
+    assert [mark.digit for mark in marks] == [1, 1]
+    # No piece is a digit: the mark stays whole, and is no digit.
+    (whole,) = split.marks(probabilities_for(split.inputs, [NOT_A_DIGIT] * len(split.inputs)))
+    assert not whole.is_digit and whole.is_several_digits
+
+
+def test_predict_refuses_one_mark_of_touching_digits_as_several_digits():
+    pair = pad_with(*ONE, [(520, 60), (520, 230)], [(400, 140), (520, 140)])
+    plan = plan_single(ink_map(pair), working_scale(pair), (840, 280))
+    assert len(plan.inputs) == 1  # one mark
+    with pytest.raises(SeveralDigitsError) as refused:
+        plan.digit(probabilities_for(plan.inputs, [SEVERAL_DIGITS]))
+    assert "several touching digits" in str(refused.value) and "/read" in str(refused.value)
 
 
 def test_a_cut_bends_between_slanted_digits_that_no_straight_cut_separates():

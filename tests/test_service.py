@@ -30,7 +30,7 @@ import pytest
 from PIL import Image
 from starlette.testclient import TestClient
 
-from pipelines.preprocessing import CLASSES, NOT_A_DIGIT, PREPROCESSING_VERSION
+from pipelines.preprocessing import CLASSES, NOT_A_DIGIT, PREPROCESSING_VERSION, SEVERAL_DIGITS
 from pipelines.segmentation import Box, Mark
 from service.answers import not_a_digit_message
 from service.batcher import MicroBatcher
@@ -359,13 +359,21 @@ def test_read_says_which_mark_is_not_a_digit(client, mnist_test):
     assert [mark["is_digit"] for mark in marks] == [True, False, True]
     assert [mark["digit"] for mark in marks] == [4, None, 7]
     for mark in marks:
-        assert set(mark) == {"digit", "confidence", "probabilities", "box", "input", "is_digit"}
+        assert set(mark) == {
+            "digit",
+            "confidence",
+            "probabilities",
+            "box",
+            "input",
+            "is_digit",
+            "several_digits",
+        }
     assert marks[0]["box"]["x"] < marks[1]["box"]["x"] < marks[2]["box"]["x"]
 
 
-def mark(is_digit: bool) -> Mark:
+def mark(is_digit: bool, answer: int = NOT_A_DIGIT) -> Mark:
     probabilities = np.full(CLASSES, 0.01, np.float32)
-    probabilities[NOT_A_DIGIT if not is_digit else 3] = 0.9
+    probabilities[answer if not is_digit else 3] = 0.9
     return Mark(Box(0, 0, 1, 1), np.zeros((28, 28), np.float32), probabilities)
 
 
@@ -380,6 +388,11 @@ def mark(is_digit: bool) -> Mark:
 )
 def test_not_a_digit_message_names_the_marks(digits, message):
     assert not_a_digit_message([mark(is_digit) for is_digit in digits]) == message
+
+
+def test_not_a_digit_message_asks_for_a_gap_when_a_mark_is_touching_digits():
+    message = not_a_digit_message([mark(True), mark(False, SEVERAL_DIGITS)])
+    assert message.startswith("mark 2 of 2 is not a digit") and "leave a gap" in message
 
 
 def test_predict_batch_refuses_several_digits_and_non_digits_per_image(

@@ -14,8 +14,9 @@ import tensorflow as tf
 from pipelines.download import load_prepared, read_split
 from pipelines.feedback import SPLITS
 from pipelines.model import FusedBatchNormalization, build_model, divide_logits, raise_logit
-from pipelines.preprocessing import CLASSES, NOT_A_DIGIT, as_batch
+from pipelines.preprocessing import CLASSES, NOT_A_DIGIT, SEVERAL_DIGITS, as_batch
 from pipelines.train import (
+    VALIDATION_JOINED,
     TrainSettings,
     calibrated_model,
     canvas_digits,
@@ -117,7 +118,7 @@ def test_auto_precision_uses_bfloat16_only_where_the_cpu_has_it(tmp_path, flags,
 def test_model_maps_images_to_digit_and_not_a_digit_probabilities():
     model = build_model((4, 8, 16), 0.1)
     probabilities = model(np.zeros((3, 28, 28, 1), dtype=np.float32)).numpy()
-    assert probabilities.shape == (3, CLASSES) == (3, 11)
+    assert probabilities.shape == (3, CLASSES) == (3, 12)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
 
 
@@ -140,6 +141,7 @@ def test_refusal_threshold_refuses_as_many_non_digits_as_the_digit_budget_allows
     logits = rng.standard_normal((digits + others, CLASSES))
     logits[np.arange(digits), labels[:digits]] += 4.0  # digits: their own class stands out
     logits[digits:, NOT_A_DIGIT] += 2.0  # non-digits: a weaker signal, overlapping the digits
+    logits[:, SEVERAL_DIGITS] -= 8.0  # no joined digits here: that class never wins
     probabilities = softmax(logits)
     for budget in (0.001, 0.01, 0.05):
         shift = fit_refusal_shift([probabilities], labels, budget)
@@ -295,11 +297,16 @@ def test_training_data_mixes_in_the_non_digits_at_their_share(tmp_path):
     run = settings(not_digit_share=0.2, scribbles=60, joined_digits=40)
     data = load_data(mnist, others, None, run)
     labels = data["y_train"]
-    share = (labels == NOT_A_DIGIT).mean()
+    share = (labels >= NOT_A_DIGIT).mean()
     assert 0.15 <= share <= 0.25
     assert (labels[:2000] < 10).all() and data["x_train"].shape[1:] == (28, 28)
-    # Validation holds the MNIST validation digits and only the held-out split's non-digits.
+    # Joined digits are several digits, not "not a digit"; the rest are letters and scribbles.
+    refused = labels[labels >= NOT_A_DIGIT]
+    assert (refused == SEVERAL_DIGITS).mean() == pytest.approx(40 / (20 + 60 + 40))
+    # Validation holds the MNIST validation digits, only the held-out split's non-digits, and
+    # validation digits drawn joined.
     assert (data["y_val"] == NOT_A_DIGIT).sum() == 20 and (data["y_val"] < 10).sum() == 500
+    assert (data["y_val"] == SEVERAL_DIGITS).sum() == VALIDATION_JOINED
 
 
 def test_digits_drawn_on_the_pad_and_cut_from_pairs_train_under_their_labels(tmp_path):
@@ -315,7 +322,7 @@ def test_digits_drawn_on_the_pad_and_cut_from_pairs_train_under_their_labels(tmp
     run = settings(not_digit_share=0.2, canvas_digits=100, crowded_digits=50)
     data = load_data(mnist, others, None, run)
     assert (data["y_train"] < 10).sum() == 2000 + 150  # MNIST's, then the drawn ones
-    assert 0.15 <= (data["y_train"] == NOT_A_DIGIT).mean() <= 0.25  # the share counts them
+    assert 0.15 <= (data["y_train"] >= NOT_A_DIGIT).mean() <= 0.25  # the share counts them
 
 
 def test_a_small_training_set_is_not_drowned_in_non_digits(tmp_path):
@@ -325,7 +332,7 @@ def test_a_small_training_set_is_not_drowned_in_non_digits(tmp_path):
     )
     first, again = load_data(mnist, others, None, run), load_data(mnist, others, None, run)
     labels = first["y_train"]
-    assert (labels == NOT_A_DIGIT).sum() == 500  # 2,000 digits: a fifth of 2,500 images
+    assert (labels >= NOT_A_DIGIT).sum() == 500  # 2,000 digits: a fifth of 2,500 images
     np.testing.assert_array_equal(first["x_train"], again["x_train"])  # the same sample
 
 

@@ -458,6 +458,28 @@ def test_says_which_digit_of_a_number_it_is_unsure_of(
     drawing.assert_no_console_errors()
 
 
+def test_asks_for_a_gap_when_digits_touch_too_much_to_be_told_apart(
+    open_page: Callable[..., DrawingPage],
+) -> None:
+    # Which drawings the test model cannot split is not fixed, so the refusal is made up: a 4,
+    # then a mark the model reads as several touching digits.
+    drawing = open_page()
+    joined = {**fake_digit(1, 0.9, 7, 450), "digit": None, "is_digit": False}
+    marks = [{**fake_digit(4, 0.99, 9, 250), "is_digit": True, "several_digits": False}]
+    marks.append({**joined, "several_digits": True})
+    refusal = {"error": "mark 2 of 2 is not a digit", "reason": "not_a_digit", "marks": marks}
+    drawing.page.route("**/read", lambda route: route.fulfill(status=422, json=refusal))
+
+    drawing.draw(write([FOUR, TWO], left=1.0, gap=0.5))
+
+    expect(drawing.result).to_have_attribute("data-state", "not-a-digit", timeout=ANSWER_TIMEOUT_MS)
+    expect(drawing.status).to_have_text(
+        "Some digits touch (the 2nd mark from the left, outlined on the pad), so they could not "
+        "be told apart. Leave a little gap between digits."
+    )
+    drawing.assert_no_console_errors()
+
+
 def test_empty_pad_shows_the_invitation_without_asking_the_service(
     open_page: Callable[..., DrawingPage],
 ) -> None:

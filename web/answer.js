@@ -7,6 +7,7 @@ const UNSURE_BELOW = 0.6;
 export const INVITATION = "Draw a digit or a number in the box.";
 const NO_DIGIT = "No digit found yet. Keep drawing, a little bigger.";
 const ASK_AGAIN = "Write a digit from 0 to 9, or a number.";
+const LEAVE_A_GAP = "Leave a little gap between digits.";
 
 const percent = new Intl.NumberFormat("en", { style: "percent", maximumFractionDigits: 1 });
 const wholePercent = new Intl.NumberFormat("en", { style: "percent", maximumFractionDigits: 0 });
@@ -104,13 +105,24 @@ export class AnswerView {
     );
   }
 
-  // Some marks are not digits: `marks` as the service sends them (each with is_digit).
+  // Some marks are not digits: `marks` as the service sends them (each with is_digit, and
+  // several_digits when the model saw digits touching that the reader could not split).
   notADigit(marks, size) {
     const entries = marks.map((mark) => ({ ...mark, isDigit: mark.is_digit }));
     this.result.dataset.state = "not-a-digit";
     this.show(entries, size);
     const strays = entries.flatMap((entry, index) => (entry.isDigit ? [] : [index]));
-    if (entries.length === 1) {
+    const touching = strays.length > 0 && strays.every((index) => entries[index].several_digits);
+    if (touching && entries.length === 1) {
+      this.setStatus(`These digits touch, so they could not be told apart. ${LEAVE_A_GAP}`, "");
+    } else if (touching) {
+      const which = listed(strays.map((index) => ordinal(index + 1)));
+      const marksWord = strays.length === 1 ? "mark" : "marks";
+      this.setStatus(
+        `Some digits touch (the ${which} ${marksWord} from the left, outlined on the pad), so they could not be told apart. ${LEAVE_A_GAP}`,
+        "",
+      );
+    } else if (entries.length === 1) {
       this.setStatus(`That is not a digit. ${ASK_AGAIN}`, `${percent.format(entries[0].confidence)} sure it is not a digit`);
     } else if (strays.length === entries.length) {
       this.setStatus(`None of this is a digit. ${ASK_AGAIN}`, "");
