@@ -458,12 +458,12 @@ def _load_without_corrections(
 
 
 def _at_share(size: int, wanted: float) -> np.ndarray:
-    """Indices into a pool of `size` images, repeated to about `wanted`, or a fixed sample of
-    `wanted` of them when it holds more: a small training set (`max_train_images`) is not
-    drowned in non-digits."""
-    if size > wanted:
-        return np.sort(np.random.default_rng(0).permutation(size)[: round(wanted)])
-    return np.tile(np.arange(size), max(1, round(wanted / size)))
+    """Indices into a pool of `size` images making `wanted` of them: the pool whole as many
+    times as it fits, then a fixed sample of it for the rest. So the share is the one asked
+    for, and a small training set (`max_train_images`) is not drowned in non-digits."""
+    repeats, rest = divmod(round(wanted), size)
+    sample = np.sort(np.random.default_rng(0).permutation(size)[:rest])
+    return np.concatenate([np.tile(np.arange(size), repeats), sample])
 
 
 def fit_member(
