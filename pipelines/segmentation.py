@@ -78,6 +78,9 @@ SPLIT_MIN_CONFIDENCE = 0.8  # every piece of a chosen split must be a digit at l
 # 0.75: 0.778). But the fast preset's model still read the page's M, a mark as wide as a digit
 # and surely not one, as "14": such a mark now stays whole unless the model doubts it (0.742
 # of the numbers; 4.5% of the validation alphabets read as numbers; doubting below 0.9: 0.724).
+# The twelfth class, several digits, then gave those marks of joined digits a name: 0.762 of
+# the numbers (0.744 with eleven classes), and /read left 11.5% of the validation alphabets
+# drawn on the pad unrefused, as a digit or a number (10.0%).
 SEVERAL_DIGITS_CONFIDENCE = 0.8  # /predict refuses when two marks are digits at least this sure
 
 

@@ -75,6 +75,7 @@ _TEMP_ROOT = pytest.StashKey[Path]()
 
 TEST_MODEL_NOT_DIGIT_SHARE = 0.1  # share of the training images that are not digits
 TEST_MODEL_SCRIBBLES = 1000  # synthetic scribbles among them (the train stage's own)
+TEST_MODEL_CANVAS_DIGITS = 2000  # training digits drawn on the pad, as the train stage adds
 TEST_MODEL_MAX_DIGIT_REFUSAL = 0.005  # validation digits the fitted threshold may refuse
 
 
@@ -83,12 +84,13 @@ def save_test_model(
 ) -> str:
     """Train a small real CNN and save it to the BentoML store as `digits-cnn`.
 
-    A stand-in for the `package` stage: same files, same metadata keys, the same eleven classes
-    (digits, then not a digit) learnt the way the train stage learns them: MNIST digits, the
-    download stage's non-digit drawings of the training alphabets and the train stage's
-    scribbles, with the "not a digit" threshold fitted on validation (MNIST digits and the
-    validation alphabets) and folded into the model. Good enough (~97% of test digits) to read
-    rendered MNIST digits. `not_digits` is the download stage's not_digits.npz. Returns the tag.
+    A stand-in for the `package` stage: same files, same metadata keys, the same twelve classes
+    (digits, not a digit, several digits: this one never learnt) learnt the way the train stage
+    learns them: MNIST digits, the download stage's non-digit drawings of the training
+    alphabets, the train stage's scribbles and digits drawn on the pad, with the "not a digit"
+    threshold fitted on validation (MNIST digits and the validation alphabets) and folded into
+    the model. Good enough (~97% of test digits) to read rendered MNIST digits. `not_digits` is
+    the download stage's not_digits.npz. Returns the tag.
     """
     import bentoml
     import keras
@@ -97,7 +99,7 @@ def save_test_model(
     from pipelines.model import build_model, raise_logit
     from pipelines.package import export_for_serving
     from pipelines.preprocessing import NOT_A_DIGIT, PREPROCESSING_VERSION, as_batch
-    from pipelines.train import fit_refusal_shift, scribbles
+    from pipelines.train import canvas_digits, fit_refusal_shift, scribbles
 
     keras.utils.set_random_seed(0)
     images, labels = read_split(SHARED_MNIST, "train")
@@ -110,11 +112,14 @@ def save_test_model(
     held_out = not_digits["images"][split == "validation"] / 255.0
     x_val = as_batch(np.concatenate([images[-2000:] / 255.0, held_out]))
     y_val = np.concatenate([labels[-2000:], np.full(len(held_out), NOT_A_DIGIT)])
+    drawn, drawn_labels = canvas_digits(
+        images[:train_images], labels[:train_images], TEST_MODEL_CANVAS_DIGITS, 0
+    )
     model = build_model((8, 16, 32), 0.2)
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
     model.fit(
-        as_batch(np.concatenate([images[:train_images] / 255.0, others])),
-        np.concatenate([labels[:train_images], np.full(len(others), NOT_A_DIGIT)]),
+        as_batch(np.concatenate([images[:train_images] / 255.0, drawn, others])),
+        np.concatenate([labels[:train_images], drawn_labels, np.full(len(others), NOT_A_DIGIT)]),
         batch_size=64,
         epochs=epochs,
         verbose=0,
