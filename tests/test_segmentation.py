@@ -121,7 +121,8 @@ def test_a_mark_about_as_wide_as_a_digit_is_split_only_when_the_model_doubts_it(
     assert len(plan.splits(probabilities_for(plan.inputs, [0])).inputs) == 0  # a sure 0
     surely_not = probabilities_for(plan.inputs, [NOT_A_DIGIT], sure=0.999)  # an M, say
     assert len(plan.splits(surely_not).inputs) == 0
-    split = plan.splits(probabilities_for(plan.inputs, [NOT_A_DIGIT]))
+    assert len(plan.splits(probabilities_for(plan.inputs, [NOT_A_DIGIT], sure=0.95)).inputs) == 0
+    split = plan.splits(probabilities_for(plan.inputs, [NOT_A_DIGIT], sure=0.6))  # doubted
     marks = split.marks(probabilities_for(split.inputs, [1] * len(split.inputs)))
     assert [mark.digit for mark in marks] == [1, 1]
 
