@@ -392,8 +392,8 @@ def load_data(
 ) -> dict[str, np.ndarray]:
     """Training and validation images as float inputs in [0, 1] with labels, non-digits
     labelled NOT_A_DIGIT and joined digits SEVERAL_DIGITS: MNIST's splits, the non-digit
-    drawings' (by alphabet), scribbles and joined digits, repeated to make at least
-    `not_digit_share` of the training images, and
+    drawings' (by alphabet), scribbles and joined digits, repeated and sampled to make
+    exactly `not_digit_share` of the training images, and
     users' accepted corrections (train split repeated `corrections_weight` times; validation
     split as is)."""
     (x_train, y_train), (x_val, y_val) = _load_without_corrections(mnist, not_digits, settings)

@@ -113,26 +113,18 @@ export class AnswerView {
     this.show(entries, size);
     const strays = entries.flatMap((entry, index) => (entry.isDigit ? [] : [index]));
     const touching = strays.length > 0 && strays.every((index) => entries[index].several_digits);
+    // "the 2nd mark from the left, outlined on the pad"
+    const where = `the ${listed(strays.map((index) => ordinal(index + 1)))} ${strays.length === 1 ? "mark" : "marks"} from the left, outlined on the pad`;
     if (touching && entries.length === 1) {
       this.setStatus(`These digits touch, so they could not be told apart. ${LEAVE_A_GAP}`, "");
     } else if (touching) {
-      const which = listed(strays.map((index) => ordinal(index + 1)));
-      const marksWord = strays.length === 1 ? "mark" : "marks";
-      this.setStatus(
-        `Some digits touch (the ${which} ${marksWord} from the left, outlined on the pad), so they could not be told apart. ${LEAVE_A_GAP}`,
-        "",
-      );
+      this.setStatus(`Some digits touch (${where}), so they could not be told apart. ${LEAVE_A_GAP}`, "");
     } else if (entries.length === 1) {
       this.setStatus(`That is not a digit. ${ASK_AGAIN}`, `${percent.format(entries[0].confidence)} sure it is not a digit`);
     } else if (strays.length === entries.length) {
       this.setStatus(`None of this is a digit. ${ASK_AGAIN}`, "");
     } else {
-      const which = listed(strays.map((index) => ordinal(index + 1)));
-      const marksWord = strays.length === 1 ? "mark" : "marks";
-      this.setStatus(
-        `Part of the drawing is not a digit: the ${which} ${marksWord} from the left, outlined on the pad.`,
-        "",
-      );
+      this.setStatus(`Part of the drawing is not a digit: ${where}.`, "");
     }
   }
 
