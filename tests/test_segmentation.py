@@ -23,6 +23,7 @@ from pipelines.segmentation import (
     NotADigitError,
     SeveralDigitsError,
     _cut_paths,
+    _split_candidates,
     plan_reading,
     plan_single,
     read_marks,
@@ -137,6 +138,17 @@ def test_a_mark_the_model_reads_as_several_digits_is_split_even_when_it_is_surel
     # No piece is a digit: the mark stays whole, and is no digit.
     (whole,) = split.marks(probabilities_for(split.inputs, [NOT_A_DIGIT] * len(split.inputs)))
     assert not whole.is_digit and whole.is_several_digits
+
+
+def test_a_mark_read_as_several_digits_is_also_cut_where_equally_wide_digits_meet():
+    # Ink that thickens steadily to the right: no dip anywhere says where one digit ends.
+    ramp = np.tile(np.linspace(0.2, 1.0, 100, dtype=np.float32), (40, 1))
+    candidate = plan_reading(ramp).candidates[0]
+    assert _split_candidates(candidate, several=False, most=MAX_INPUTS)[1] == []
+    _, intervals, boxes, _ = _split_candidates(candidate, several=True, most=MAX_INPUTS)
+    spans = {(box.x, box.x + box.width) for box in boxes}
+    assert {(0, 50), (50, 100), (0, 33), (33, 67), (67, 100), (0, 25), (75, 100)} <= spans
+    assert _split_candidates(candidate, several=True, most=len(intervals) - 1) is None
 
 
 def test_predict_refuses_one_mark_of_touching_digits_as_several_digits():
