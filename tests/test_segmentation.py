@@ -140,6 +140,18 @@ def test_a_mark_the_model_reads_as_several_digits_is_split_even_when_it_is_surel
     assert not whole.is_digit and whole.is_several_digits
 
 
+def test_a_mark_wider_than_a_digit_read_as_one_sure_digit_is_split_into_surer_digits():
+    apart = pad_with(*ONE, [(640, 60), (640, 230)], [(400, 140), (640, 140)])  # "1-1", joined
+    plan = plan_reading(ink_map(apart), working_scale(apart), (840, 280))
+    split = plan.splits(probabilities_for(plan.inputs, [4], sure=0.97))
+    marks = split.marks(probabilities_for(split.inputs, [1] * len(split.inputs), sure=0.99))
+    assert [mark.digit for mark in marks] == [1, 1]
+    # Far surer of the whole than of its pieces, the model keeps it whole.
+    split = plan.splits(probabilities_for(plan.inputs, [4], sure=0.999))
+    marks = split.marks(probabilities_for(split.inputs, [1] * len(split.inputs), sure=0.9))
+    assert [mark.digit for mark in marks] == [4]
+
+
 def test_a_mark_read_as_several_digits_is_also_cut_where_equally_wide_digits_meet():
     # Ink that thickens steadily to the right: no dip anywhere says where one digit ends.
     ramp = np.tile(np.linspace(0.2, 1.0, 100, dtype=np.float32), (40, 1))
