@@ -166,7 +166,12 @@ class Mark:
     @property
     def is_several_digits(self) -> bool:
         """The model reads the mark as several digits (that the reader did not split)."""
-        return int(np.argmax(self.probabilities)) == SEVERAL_DIGITS
+        return _reads_several(self.probabilities)
+
+
+def _reads_several(probabilities: np.ndarray) -> bool:
+    """The model's answer is several digits (in one mark)."""
+    return int(np.argmax(probabilities)) == SEVERAL_DIGITS
 
 
 def digit_probabilities(probabilities: np.ndarray) -> np.ndarray:
@@ -182,18 +187,21 @@ class _Candidate:
     box: Box  # in ink-map pixels
     piece: np.ndarray
 
+    @property
+    def wide(self) -> bool:
+        """Wider than one digit (SPLIT_ASPECT for its height)."""
+        return self.box.width >= SPLIT_ASPECT * self.box.height
+
     def may_hold_several(self, whole: np.ndarray) -> bool:
         """Wide for one digit, or narrower and the model (its answer `whole`) reads it as
         several digits or doubts what it is."""
-        aspect = self.box.width / self.box.height
-        if aspect >= SPLIT_ASPECT:
+        if self.wide:
             return True
-        if aspect < DOUBT_ASPECT:
+        if self.box.width < DOUBT_ASPECT * self.box.height:
             return False
-        answer = int(np.argmax(whole))
-        if answer == SEVERAL_DIGITS:
+        if _reads_several(whole):
             return True
-        if answer == NOT_A_DIGIT:
+        if int(np.argmax(whole)) == NOT_A_DIGIT:
             return float(whole[NOT_A_DIGIT]) < SURE_NOT_A_DIGIT
         return float(digit_probabilities(whole).max()) < SURE_DIGIT
 
@@ -235,14 +243,12 @@ class ReadingPlan:
         for number, (candidate, whole) in enumerate(answers):
             if len(inputs) >= budget or not candidate.may_hold_several(whole):
                 continue
-            several = int(np.argmax(whole)) == SEVERAL_DIGITS
-            split = _split_candidates(candidate, several, budget - len(inputs))
+            split = _split_candidates(candidate, _reads_several(whole), budget - len(inputs))
             if split is None:  # more pieces than the budget has left: this and the rest stay whole
                 break
             cuts, intervals, boxes, pieces = split
             if intervals:
-                wide = candidate.box.width >= SPLIT_ASPECT * candidate.box.height
-                spans[number] = _Span(intervals, cuts, boxes, len(inputs), wide)
+                spans[number] = _Span(intervals, cuts, boxes, len(inputs), candidate.wide)
                 inputs += pieces
         stacked = np.stack(inputs) if inputs else np.empty((0, *self.inputs.shape[1:]), np.float32)
         return SplitPlan(stacked, self, np.asarray(probabilities, dtype=np.float32), spans)
@@ -586,7 +592,7 @@ def _cut_columns(piece: np.ndarray) -> list[int]:
     height, width = piece.shape
     columns = np.pad(piece.sum(axis=0), 1, mode="symmetric")
     profile = (columns[:-2] + columns[1:-1] + columns[2:]) / 3  # a 3-column moving average
-    margin = max(1, round(MIN_PIECE_ASPECT * height))
+    margin = _min_piece_width(height)
     inner = np.arange(margin, width - margin)
     if len(inner) == 0:
         return []
@@ -600,12 +606,17 @@ def _cut_columns(piece: np.ndarray) -> list[int]:
     return sorted(chosen)
 
 
+def _min_piece_width(height: int) -> int:
+    """The narrowest piece of a mark `height` pixels high (MIN_PIECE_ASPECT), in pixels."""
+    return max(1, round(MIN_PIECE_ASPECT * height))
+
+
 def _even_columns(shape: tuple[int, int], taken: list[int]) -> list[int]:
     """Columns that cut a mark into 2 to EVEN_PARTS equally wide parts, but those within the
     minimum piece width of a column `taken` or of each other: where the digits of a mark read as
     several digits meet when they overlap, which no dip in the ink shows."""
     height, width = shape
-    margin = max(1, round(MIN_PIECE_ASPECT * height))
+    margin = _min_piece_width(height)
     chosen = list(taken)
     for parts in range(2, EVEN_PARTS + 1):
         for part in range(1, parts):
