@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import warnings
 import zlib
+from dataclasses import dataclass
 
 import numpy as np
 import pyspng
@@ -167,16 +168,27 @@ def _alpha_ink(alpha: np.ndarray) -> np.ndarray | None:
     return alpha - alpha.min()
 
 
-def ink_to_input(ink: np.ndarray) -> np.ndarray:
-    """Turn an ink map of any size into a 28x28 MNIST-style float32 image in [0, 1]."""
-    ink = np.nan_to_num(np.asarray(ink, dtype=np.float32))
+def ink_to_input(ink: np.ndarray, strokes: Strokes | None = None) -> np.ndarray:
+    """Turn an ink map of any size into a 28x28 MNIST-style float32 image in [0, 1].
+
+    `strokes`, when the caller has them, are `find_strokes(ink)` of this very ink, whose
+    strongest pixel is 1: they are not looked for again.
+    """
+    ink = finite_float32(ink)
     contrast = float(ink.max()) if ink.size else 0.0
     if contrast < MIN_CONTRAST:
         raise NoDigitError()
     ink = ink / contrast
-    rows, cols = _digit_bounds(ink)
+    rows, cols = _digit_bounds(strokes or find_strokes(ink))
     digit = _fit_into_box(ink[rows, cols])
     return _place_by_centre_of_mass(digit)
+
+
+def finite_float32(ink: np.ndarray) -> np.ndarray:
+    """`ink` as float32, NaN as 0 and infinities as the largest floats (`np.nan_to_num`), which
+    copies it only when some value is not finite."""
+    ink = np.asarray(ink, dtype=np.float32)
+    return ink if np.isfinite(ink).all() else np.nan_to_num(ink)
 
 
 def image_to_input(image: Image.Image) -> np.ndarray:
@@ -235,19 +247,42 @@ def _shrink(image: Image.Image) -> Image.Image:
     return image.reduce(factor)
 
 
-def _digit_bounds(ink: np.ndarray) -> tuple[slice, slice]:
-    """Bounding box of the ink, ignoring blobs too small to be part of a stroke."""
-    mask = ink >= INK_THRESHOLD
-    labels, count = label_strokes(mask)
+@dataclass(frozen=True)
+class Strokes:
+    """An ink map's strokes: its groups of touching ink pixels (diagonals touch), numbered 1, 2,
+    ... in raster order, 0 being the background, with how much ink and how many pixels each
+    holds (index 0 unused)."""
+
+    labels: np.ndarray
+    count: int
+    masses: np.ndarray
+    pixels: np.ndarray
+
+    @property
+    def kept(self) -> np.ndarray:
+        """Which numbers are strokes rather than specks (blobs holding under SPECK_FRACTION of
+        all ink)."""
+        return self.masses >= SPECK_FRACTION * self.masses.sum()
+
+
+def find_strokes(ink: np.ndarray) -> Strokes:
+    """The strokes of an ink map in [0, 1]; raises NoDigitError when it has no ink."""
+    labels, count = label_strokes(ink >= INK_THRESHOLD)
     if count == 0:
         raise NoDigitError()
     masses = np.bincount(labels.ravel(), weights=ink.ravel(), minlength=count + 1)
-    masses[0] = 0.0  # label 0 is the background
-    strokes = (masses >= SPECK_FRACTION * masses.sum())[labels]
-    if strokes.sum() < MIN_INK_PIXELS:
+    masses[0] = 0.0  # the background
+    return Strokes(labels, count, masses, np.bincount(labels.ravel(), minlength=count + 1))
+
+
+def _digit_bounds(strokes: Strokes) -> tuple[slice, slice]:
+    """Bounding box of the strokes, ignoring the specks."""
+    kept = strokes.kept
+    if strokes.pixels[kept].sum() < MIN_INK_PIXELS:
         raise NoDigitError()
-    row_hits = np.flatnonzero(strokes.any(axis=1))
-    col_hits = np.flatnonzero(strokes.any(axis=0))
+    inked = kept[strokes.labels]
+    row_hits = np.flatnonzero(inked.any(axis=1))
+    col_hits = np.flatnonzero(inked.any(axis=0))
     return slice(row_hits[0], row_hits[-1] + 1), slice(col_hits[0], col_hits[-1] + 1)
 
 

@@ -37,12 +37,13 @@ from pipelines.preprocessing import (
     MIN_INK_PIXELS,
     NOT_A_DIGIT,
     SEVERAL_DIGITS,
-    SPECK_FRACTION,
     ImageError,
     NoDigitError,
+    Strokes,
+    find_strokes,
+    finite_float32,
     ink_map,
     ink_to_input,
-    label_strokes,
     not_one_digit,
     refused,
     shrink_factor,
@@ -433,10 +434,10 @@ def plan_reading(
     """Split an ink map into marks, each read whole first (see ReadingPlan.splits for the rest)."""
     ink = _normalised(ink)
     size = image_size or (ink.shape[1] * scale, ink.shape[0] * scale)
-    groups = _mark_masks(ink)
+    groups, strokes = _mark_masks(ink)
     candidates = [_Candidate(box, _piece(ink, mask, box)) for mask, box in groups]
     if len(groups) == 1:  # the whole drawing, exactly as /predict sees it
-        return ReadingPlan(ink_to_input(ink)[np.newaxis], candidates, scale, size)
+        return ReadingPlan(ink_to_input(ink, strokes)[np.newaxis], candidates, scale, size)
     inputs = np.stack([ink_to_input(candidate.piece) for candidate in candidates])
     return ReadingPlan(inputs, candidates, scale, size)
 
@@ -447,9 +448,9 @@ def plan_single(
     """/predict's plan: the whole drawing, plus each mark when there is more than one."""
     ink = _normalised(ink)
     size = image_size or (ink.shape[1] * scale, ink.shape[0] * scale)
-    groups = _mark_masks(ink)
+    groups, strokes = _mark_masks(ink)
     whole_box = _union([box for _, box in groups])
-    inputs = [ink_to_input(ink)]
+    inputs = [ink_to_input(ink, strokes)]
     boxes = [whole_box.scaled(scale, size)]
     if len(groups) > 1:
         for mask, box in groups:
@@ -462,9 +463,9 @@ def mark_inputs(ink: np.ndarray) -> list[np.ndarray]:
     """Each mark's 28x28 input, left to right, without splitting touching marks: how a
     labelled number becomes one training example per digit when its digits stand apart."""
     ink = _normalised(ink)
-    groups = _mark_masks(ink)
+    groups, strokes = _mark_masks(ink)
     if len(groups) == 1:
-        return [ink_to_input(ink)]
+        return [ink_to_input(ink, strokes)]
     return [ink_to_input(_piece(ink, mask, box)) for mask, box in groups]
 
 
@@ -493,25 +494,20 @@ def working_scale(image: Image.Image) -> int:
 
 
 def _normalised(ink: np.ndarray) -> np.ndarray:
-    ink = np.nan_to_num(np.asarray(ink, dtype=np.float32))
+    ink = finite_float32(ink)
     contrast = float(ink.max()) if ink.size else 0.0
     if contrast < MIN_CONTRAST:
         raise NoDigitError()
     return ink / contrast
 
 
-def _mark_masks(ink: np.ndarray) -> list[tuple[np.ndarray, Box]]:
+def _mark_masks(ink: np.ndarray) -> tuple[list[tuple[np.ndarray, Box]], Strokes]:
     """The marks of a drawing, left to right: strokes (ignoring specks) grouped by the columns
     they share, each as a mask (its strokes, slightly widened to keep their anti-aliased edges)
-    and its bounding box."""
-    mask = ink >= INK_THRESHOLD
-    labels, count = label_strokes(mask)
-    if count == 0:
-        raise NoDigitError()
-    masses = np.bincount(labels.ravel(), weights=ink.ravel(), minlength=count + 1)
-    masses[0] = 0.0
-    pixels = np.bincount(labels.ravel(), minlength=count + 1)
-    keep = np.flatnonzero((masses >= SPECK_FRACTION * masses.sum()) & (pixels >= MIN_INK_PIXELS))
+    and its bounding box; and the drawing's strokes."""
+    strokes = find_strokes(ink)
+    labels, count = strokes.labels, strokes.count
+    keep = np.flatnonzero(strokes.kept & (strokes.pixels >= MIN_INK_PIXELS))
     if len(keep) == 0:
         raise NoDigitError()
     lefts, rights = _column_spans(labels, count)
@@ -534,12 +530,12 @@ def _mark_masks(ink: np.ndarray) -> list[tuple[np.ndarray, Box]]:
         )
     boxes = [_stroke_box(np.isin(labels, members)) for _, _, members in merged]
     if len(merged) == 1:
-        return [(np.ones(ink.shape, dtype=bool), boxes[0])]
-    owner = np.zeros(count + 1, dtype=np.int32)
+        return [(np.ones(ink.shape, dtype=bool), boxes[0])], strokes
+    owner = np.zeros(count + 1, dtype=np.uint8)  # MAX_MARKS fit
     for number, (_, _, members) in enumerate(merged, start=1):
         owner[members] = number
     claimed = _grow_into_unclaimed(owner[labels], ink > 0, MARK_MARGIN)
-    return [(claimed == number, box) for number, box in enumerate(boxes, start=1)]
+    return [(claimed == number, box) for number, box in enumerate(boxes, start=1)], strokes
 
 
 def _column_spans(labels: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
@@ -557,16 +553,23 @@ def _grow_into_unclaimed(claimed: np.ndarray, inked: np.ndarray, steps: int) -> 
     """Give each unclaimed pixel (0) within `steps` pixels (diagonals count as one) of claimed
     ones to the nearest of them, one ring at a time (where two meet, the higher number), until
     no inked pixel is left unclaimed."""
-    height, width = claimed.shape
     for _ in range(steps):
         if not (inked & (claimed == 0)).any():
             break
-        padded = np.pad(claimed, 1)
-        neighbours = np.max(
-            [padded[r : r + height, c : c + width] for r in range(3) for c in range(3)], axis=0
-        )
-        claimed = np.where(claimed == 0, neighbours, claimed)
+        claimed = np.where(claimed == 0, _largest_neighbour(claimed), claimed)
     return claimed
+
+
+def _largest_neighbour(values: np.ndarray) -> np.ndarray:
+    """Each pixel's largest value among itself and its eight neighbours (a 3x3 maximum filter,
+    as a row pass then a column pass)."""
+    rows = values.copy()
+    np.maximum(rows[:, 1:], values[:, :-1], out=rows[:, 1:])
+    np.maximum(rows[:, :-1], values[:, 1:], out=rows[:, :-1])
+    both = rows.copy()
+    np.maximum(both[1:], rows[:-1], out=both[1:])
+    np.maximum(both[:-1], rows[1:], out=both[:-1])
+    return both
 
 
 def _piece(ink: np.ndarray, mask: np.ndarray, box: Box) -> np.ndarray:
