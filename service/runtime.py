@@ -23,7 +23,7 @@ SERVING_MODEL_FILE = "model.tflite"
 class LiteRTModel:
     """(N, 28, 28) images in [0, 1] -> (N, classes) probabilities, on `threads` cores.
 
-    Not thread-safe: the micro-batcher calls it from its one model thread.
+    Not thread-safe: the micro-batcher calls it from the event loop, one call at a time.
     """
 
     def __init__(self, path: str, threads: int) -> None:
