@@ -156,11 +156,25 @@ def test_a_mark_read_as_several_digits_is_also_cut_where_equally_wide_digits_mee
     # Ink that thickens steadily to the right: no dip anywhere says where one digit ends.
     ramp = np.tile(np.linspace(0.2, 1.0, 100, dtype=np.float32), (40, 1))
     candidate = plan_reading(ramp).candidates[0]
-    assert _split_candidates(candidate, several=False, most=MAX_INPUTS)[1] == []
-    _, intervals, boxes, _ = _split_candidates(candidate, several=True, most=MAX_INPUTS)
+    assert _split_candidates(candidate, even=False, most=MAX_INPUTS)[1] == []
+    _, intervals, boxes, _ = _split_candidates(candidate, even=True, most=MAX_INPUTS)
     spans = {(box.x, box.x + box.width) for box in boxes}
     assert {(0, 50), (50, 100), (0, 33), (33, 67), (67, 100), (0, 25), (75, 100)} <= spans
-    assert _split_candidates(candidate, several=True, most=len(intervals) - 1) is None
+    assert _split_candidates(candidate, even=True, most=len(intervals) - 1) is None
+
+
+def test_a_mark_wider_than_a_digit_is_cut_where_equally_wide_digits_meet_whatever_its_reading():
+    # Digits written so close that each overlaps the next: one wide mark the model reads as no
+    # digit at all, and no dip in its ink says where one digit ends.
+    ramp = np.tile(np.linspace(0.2, 1.0, 100, dtype=np.float32), (40, 1))
+    plan = plan_reading(ramp)
+    split = plan.splits(probabilities_for(plan.inputs, [NOT_A_DIGIT]))
+    spans = {(box.x, box.x + box.width) for box in split.boxes}
+    assert {(0, 50), (50, 100), (0, 25), (75, 100)} <= spans
+    # A mark about as wide as a digit read as no digit (a letter) is not cut into equal parts.
+    narrow = np.tile(np.linspace(0.2, 1.0, 40, dtype=np.float32), (40, 1))
+    plan = plan_reading(narrow)
+    assert not plan.splits(probabilities_for(plan.inputs, [NOT_A_DIGIT], sure=0.8)).boxes
 
 
 def test_predict_refuses_one_mark_of_touching_digits_as_several_digits():
