@@ -5,11 +5,10 @@ strokes whose columns overlap belong to one mark (a 4 or a 5 drawn in two stroke
 and the model reads each mark whole. A mark that may hold touching digits (wider than a digit,
 or narrower and either read as several digits or doubted) is then cut where the least ink
 crosses (and, when wide or read as several digits, where equally wide digits would meet), by
-cuts that bend
-around strokes, and every piece between two cuts is classified in a second model call; the
-most probable split wins, or the whole mark. A number whose digits stand apart (the common
-case) needs one call. `plan_single` is the one-digit reading of
-/predict, which refuses several digits and non-digits. All are plans: the caller runs the model
+cuts that bend around strokes, and every piece between two cuts is classified in a second
+model call; the most probable split wins, or the whole mark. A number whose digits stand apart
+(the common case) needs one call. `plan_single` is the one-digit reading of /predict, which
+refuses several digits and non-digits. All are plans: the caller runs the model
 on `plan.inputs` (one batch) and hands the probabilities back, so the service can batch the
 model calls and evaluation can run Keras.
 

@@ -3,16 +3,17 @@
 Why not BentoML's adaptive batching? Its documented pattern for single-image clients is a
 front service calling a batchable inner service through `bentoml.depends`, which on one
 machine means a second process and an HTTP hop per request, plus a dispatcher that waits to
-fill batches. On 2 cores that costs more than a whole model call (0.18 ms for one image with
-the small network on LiteRT and one thread). Here batching costs nothing when the service is
+fill batches. On 2 cores that costs more than a whole model call (0.38 ms for one image with
+the default two networks on LiteRT and one thread). Here batching costs nothing when the service is
 idle: the first request runs at once, alone; requests that come in while it runs queue up and
 all go together in the next call. So the batch size follows the load by itself, and latency
 never includes a deliberate wait unless `max_wait` asks for one.
 
 The model runs on the event loop itself, not on a thread: a call is a fraction of a
 millisecond to a few (`max_batch` bounds it), and handing each call to a thread and back cost
-more than that. Measured with `benchmarks/serve.py` (two workers on 2 cores): /predict p50
-4.23 -> 3.50 ms, 436 -> 555 requests/s with 8 clients, /read p50 11.1 -> 8.4 ms.
+more than that. Measured with `benchmarks/serve.py` (two workers on 2 cores, the networks of
+16, 32 and 64 filters): /predict p50 4.23 -> 3.50 ms, 436 -> 555 requests/s with 8 clients,
+/read p50 11.1 -> 8.4 ms.
 """
 
 from __future__ import annotations
