@@ -282,13 +282,17 @@ def live_service(
 
 
 OVERLOAD_LIMIT = 4  # DIGITS_MAX_CONCURRENCY of `limited_service`
+OVERLOAD_BATCH_WAIT_MS = 20  # and its DIGITS_BATCH_WAIT_MS
 
 
 @pytest.fixture(scope="session")
 def limited_service(live_service, bentoml_home, tmp_path_factory) -> Iterator[str]:
     """A second `bentoml serve` of the same model with one worker that admits only
     OVERLOAD_LIMIT requests at a time (the limit is per worker; depending on `live_service`
-    makes sure the store holds the pipeline's model).
+    makes sure the store holds the pipeline's model). Each model call first waits
+    OVERLOAD_BATCH_WAIT_MS for company, as on a busy server: unhindered, the worker answers a
+    canvas in a few milliseconds, and a burst of clients on this machine may never hold more
+    than OVERLOAD_LIMIT requests at once.
 
     It gets a copy of the store: `bentoml serve` empties the Prometheus directory of its
     BENTOML_HOME at start, which would wipe the live server's metrics."""
@@ -298,6 +302,7 @@ def limited_service(live_service, bentoml_home, tmp_path_factory) -> Iterator[st
         folder,
         DIGITS_WORKERS="1",
         DIGITS_MAX_CONCURRENCY=str(OVERLOAD_LIMIT),
+        DIGITS_BATCH_WAIT_MS=str(OVERLOAD_BATCH_WAIT_MS),
     ) as base_url:
         yield base_url
 
