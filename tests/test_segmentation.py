@@ -90,6 +90,21 @@ def test_predict_refuses_several_sure_digits_but_reads_one_beside_a_doubtful_mar
     assert plan.digit(answers).digit == 4
 
 
+def test_predict_reads_a_digit_beside_a_short_stroke_as_that_digit_not_as_several():
+    # A 7 whose pen skipped: a short stroke beside it, a quarter of its height, that the model
+    # reads on its own as a sure 1. The digits of a number are about as tall as each other.
+    tick = [(230, 120), (232, 160)]
+    image = pad_with(SEVEN[0], tick)
+    plan = plan_single(ink_map(image), working_scale(image), image.size)
+    assert len(plan.inputs) == 3  # the whole drawing, then the 7 and the tick
+    assert plan.digit(probabilities_for(plan.inputs, [7, 7, 1])).digit == 7
+    # The same stroke drawn as tall as the 7 is a second digit: "71" is refused.
+    image = pad_with(SEVEN[0], [(230, 60), (232, 230)])
+    plan = plan_single(ink_map(image), working_scale(image), image.size)
+    with pytest.raises(SeveralDigitsError):
+        plan.digit(probabilities_for(plan.inputs, [7, 7, 1]))
+
+
 def test_a_drawing_the_model_calls_not_a_digit_is_refused_by_predict():
     image = pad_with(*SEVEN)
     plan = plan_single(ink_map(image), working_scale(image), image.size)

@@ -14,7 +14,7 @@ import tensorflow as tf
 from pipelines.download import load_prepared, read_split
 from pipelines.feedback import SPLITS
 from pipelines.model import FusedBatchNormalization, build_model, divide_logits, raise_logit
-from pipelines.preprocessing import CLASSES, NOT_A_DIGIT, SEVERAL_DIGITS, as_batch
+from pipelines.preprocessing import CLASSES, NOT_A_DIGIT, SEVERAL_DIGITS, as_batch, refused
 from pipelines.train import (
     VALIDATION_JOINED,
     TrainSettings,
@@ -315,6 +315,36 @@ def test_training_data_mixes_in_the_non_digits_at_their_share(tmp_path):
     # validation digits drawn joined.
     assert (data["y_val"] == NOT_A_DIGIT).sum() == 20 and (data["y_val"] < 10).sum() == 500
     assert (data["y_val"] == SEVERAL_DIGITS).sum() == VALIDATION_JOINED
+    # And each MNIST validation digit once more, drawn on the pad, for the refusal threshold.
+    mnist_val = load_prepared(mnist)["y_val"]
+    assert sorted(data["y_val_drawn"]) == sorted(mnist_val)
+    assert data["x_val_drawn"].shape == (500, 28, 28, 1)
+
+
+def ink_judge() -> keras.Model:
+    """A stand-in network that calls an image "not a digit" the more ink it holds (logit 10 x
+    the mean ink, against 1 for the digit 0)."""
+    inputs = keras.Input(shape=(28, 28, 1))
+    classifier = keras.layers.Dense(CLASSES, activation="softmax", name="probabilities")
+    model = keras.Model(inputs, classifier(keras.layers.GlobalAveragePooling2D()(inputs)))
+    kernel, bias = np.zeros((1, CLASSES)), np.zeros(CLASSES)
+    kernel[0, NOT_A_DIGIT], bias[0] = 10.0, 1.0
+    classifier.set_weights([kernel, bias])
+    return model
+
+
+def test_the_refusal_threshold_answers_for_the_validation_digits_drawn_on_the_pad_too():
+    rng = np.random.default_rng(3)
+    digits = rng.random((400, 28, 28, 1)).astype(np.float32) * 0.1  # little ink: digits
+    drawn = digits * 8.0  # the same digits drawn, more ink: the judge doubts them
+    labels = rng.integers(0, 10, 400)  # the judge reads every digit as 0: a soft temperature
+    data = {"x_val": digits, "y_val": labels, "x_val_drawn": drawn, "y_val_drawn": labels}
+    model, _, _ = calibrated_model([ink_judge()], data, 0.02)
+    assert refused(model.predict(np.concatenate([digits, drawn]), verbose=0)).mean() <= 0.02
+    # Fitted on the MNIST digits alone, the threshold would refuse the drawn ones.
+    model, _, _ = calibrated_model([ink_judge()], {**data, "x_val_drawn": digits}, 0.02)
+    assert refused(model.predict(digits, verbose=0)).mean() <= 0.02
+    assert refused(model.predict(drawn, verbose=0)).mean() > 0.5
 
 
 def test_digits_drawn_on_the_pad_and_cut_from_pairs_train_under_their_labels(tmp_path):
