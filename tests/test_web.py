@@ -304,6 +304,8 @@ def page_opener(
         ("7", place(SEVEN, left=2.3, top=0.5, height=0.4)),
         ("0", centred(ZERO)),
         ("0", place(ZERO, left=0.2, top=0.45, height=0.45)),
+        ("7", place(SEVEN, left=1.3, top=0.35, height=0.25)),
+        ("4", place(FOUR, left=0.6, top=0.1, height=0.22)),
     ],
     ids=[
         "1-centre",
@@ -312,6 +314,8 @@ def page_opener(
         "7-small-bottom-right",
         "0-centre",
         "0-small-bottom-left",
+        "7-a-quarter-high",
+        "4-a-fifth-high",
     ],
 )
 def test_reads_a_digit_drawn_with_the_mouse(
@@ -601,6 +605,21 @@ def test_sends_black_ink_on_white_as_wide_as_the_pad_in_dark_mode(
     stroke_width = (gray[EXPORT_HEIGHT // 2] < 128).sum()
     assert stroke_width == pytest.approx(BRUSH_WIDTH * EXPORT_HEIGHT, abs=2)
     drawing.assert_no_console_errors()
+
+
+def test_a_digit_written_small_is_sent_with_a_pen_as_thin_for_its_height_as_mnist_s(
+    open_page: Callable[..., DrawingPage],
+) -> None:
+    drawing = open_page()
+    drawing.draw([[(1.5, 0.4), (1.5, 0.6)]])  # a 1 a fifth of the pad high
+    drawing.expect_number("1")
+    gray = sent_image(drawing.read_requests[-1], mode="L").astype(float)
+    stroke_width = (gray[EXPORT_HEIGHT // 2] < 128).sum()
+    # MNIST's pen is 0.13 of its digits' height; the pad's would be 0.28 of this one's.
+    inked_rows = np.flatnonzero((gray < 128).any(axis=1))
+    height = inked_rows[-1] - inked_rows[0] + 1
+    assert stroke_width == pytest.approx(0.13 * height, abs=2)
+    assert stroke_width < BRUSH_WIDTH * EXPORT_HEIGHT / 2
 
 
 def abort(route: Route) -> None:

@@ -8,6 +8,12 @@
 // taller one on phones.
 
 const BRUSH_WIDTH = 1 / 13; // of the pad height: about an MNIST stroke once a digit is 20x20
+// The pen of the image sent is at most this share of the ink's height: MNIST's (its median
+// stroke, 2.64 px, in a digit's 20-px box). On screen the pen stays BRUSH_WIDTH; a digit written
+// a quarter of the pad high with it is a blot to the model, which refused such a 7 as not a
+// digit, 98.5% sure.
+const MNIST_STROKE = 0.13;
+const THINNEST_EXPORT_BRUSH = BRUSH_WIDTH / 4; // so that a dot or a dash keeps some ink
 const MIN_POINT_GAP = 0.002; // pad heights; closer points add nothing but weight
 // px; the image sent is EXPORT_HEIGHT high and as wide as the pad's aspect ratio makes it
 // (840 on a 3:1 pad). The server crops and rescales each digit, so this only sets the
@@ -117,17 +123,17 @@ export class DrawingPad {
 
   // Draws every stroke with quadratic curves through the midpoints of successive points, on a
   // context whose transform maps pad heights to pixels.
-  paintStrokes(context, color) {
+  paintStrokes(context, color, brush = BRUSH_WIDTH) {
     context.strokeStyle = color;
     context.fillStyle = color;
-    context.lineWidth = BRUSH_WIDTH;
+    context.lineWidth = brush;
     context.lineCap = "round";
     context.lineJoin = "round";
     for (const points of this.strokes) {
       const [first] = points;
       context.beginPath();
       if (points.length === 1) {
-        context.arc(first.x, first.y, BRUSH_WIDTH / 2, 0, 2 * Math.PI);
+        context.arc(first.x, first.y, brush / 2, 0, 2 * Math.PI);
         context.fill();
         continue;
       }
@@ -197,8 +203,18 @@ export class DrawingPad {
     context.fillStyle = "#fff";
     context.fillRect(0, 0, canvas.width, canvas.height);
     context.setTransform(EXPORT_HEIGHT, 0, 0, EXPORT_HEIGHT, 0, 0);
-    this.paintStrokes(context, "#000");
+    this.paintStrokes(context, "#000", this.exportBrush());
     return { image: canvas.toDataURL("image/png"), width: canvas.width, height: canvas.height };
+  }
+
+  // The pen for the image sent: BRUSH_WIDTH, or thinner for a drawing less high than about
+  // 0.6 of the pad, so the pen is MNIST_STROKE of the ink's height, the pen included.
+  exportBrush() {
+    const ys = this.strokes.flatMap((points) => points.map((point) => point.y));
+    if (ys.length === 0) return BRUSH_WIDTH;
+    const height = Math.max(...ys) - Math.min(...ys);
+    const matched = (MNIST_STROKE * height) / (1 - MNIST_STROKE);
+    return Math.min(BRUSH_WIDTH, Math.max(THINNEST_EXPORT_BRUSH, matched));
   }
 
   // ---- Outlines ----------------------------------------------------------------------------
