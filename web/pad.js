@@ -210,9 +210,16 @@ export class DrawingPad {
   // The pen for the image sent: BRUSH_WIDTH, or thinner for a drawing less high than about
   // 0.6 of the pad, so the pen is MNIST_STROKE of the ink's height, the pen included.
   exportBrush() {
-    const ys = this.strokes.flatMap((points) => points.map((point) => point.y));
-    if (ys.length === 0) return BRUSH_WIDTH;
-    const height = Math.max(...ys) - Math.min(...ys);
+    let top = Infinity;
+    let bottom = -Infinity;
+    for (const points of this.strokes) {
+      for (const { y } of points) {
+        top = Math.min(top, y);
+        bottom = Math.max(bottom, y);
+      }
+    }
+    if (top > bottom) return BRUSH_WIDTH; // nothing drawn
+    const height = bottom - top;
     const matched = (MNIST_STROKE * height) / (1 - MNIST_STROKE);
     return Math.min(BRUSH_WIDTH, Math.max(THINNEST_EXPORT_BRUSH, matched));
   }
