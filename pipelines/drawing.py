@@ -9,7 +9,9 @@ knowing the truth exactly: every digit's label and where its ink is.
 
 Single digits follow a `CanvasStyle` (`render_on_canvas`); numbers are laid out left to right by
 `render_number`. Both draw with `glyph`, which scales an MNIST digit the way the page would show
-it, and `canvas_image`, which turns ink into the image the page sends.
+it, and `canvas_image`, which turns ink into the image the page sends. `redraw_with_pens` draws a
+digit (or any model input) again along its centre line with a round pen of even width, the way
+the non-digit drawings are prepared, and as a marker or a drawing program's brush draws.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from pipelines.download import centres_to_inputs, skeleton
 from pipelines.preprocessing import DIGIT_BOX, IMAGE_SIZE, INK_THRESHOLD
 from pipelines.segmentation import Box
 
@@ -39,6 +42,7 @@ NUMBER_MARGIN = 0.04  # blank border kept around a number, as a share of the can
 WHOLE_SHARE = 0.8  # at least this share of the digit's ink is inside the crop
 STRAY_SHARE = 0.2  # other digits have at most this share of their ink inside,
 TIP_SHARE = 0.5  # or at most this share when it is at most STRAY_SHARE of the ink inside
+REDRAW_SCALE = 4  # an input is enlarged this much before its centre line is found: a smooth line
 
 
 @dataclass(frozen=True)
@@ -323,3 +327,21 @@ def _touching_x(rightmost: np.ndarray, solid: np.ndarray, top: int) -> int:
     if np.isinf(best):  # nothing drawn beside it (e.g. the band rows are empty): sit right after
         best = float(rightmost.max()) + 1 - int(np.flatnonzero(solid.any(axis=0))[0])
     return int(best)
+
+
+def redraw_with_pens(images: np.ndarray, widths: np.ndarray) -> np.ndarray:
+    """uint8 inputs (N, 28, 28), each with some pixel at least half dark, redrawn along their
+    centre line with round pens `widths` pixels of the 20-pixel box wide and read back through
+    the preprocessing contract: float inputs in [0, 1]."""
+    if len(images) == 0:
+        return np.empty((0, IMAGE_SIZE, IMAGE_SIZE), np.float32)
+    side = IMAGE_SIZE * REDRAW_SCALE
+    enlarged = np.stack(
+        [
+            np.asarray(Image.fromarray(image).resize((side, side), Image.Resampling.BILINEAR))
+            for image in images
+        ]
+    )
+    names = [f"image {index}" for index in range(len(images))]
+    inputs = centres_to_inputs(list(skeleton(enlarged >= 128)), widths, names)
+    return inputs.astype(np.float32) / 255.0

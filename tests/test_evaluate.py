@@ -23,6 +23,7 @@ from pipelines.evaluate import (
     number_scores,
     numbers_grid,
     oracle_probabilities,
+    pen_robustness,
     per_class_scores,
     reading_plan,
     refused,
@@ -40,6 +41,7 @@ SETTINGS = {
     "canvas_samples": 10,
     "canvas_size": 280,
     "canvas_seed": 11,
+    "pen_widths": [1.5, 4.5],
     "number_samples": 6,
     "number_lengths": [2, 5],
     "number_canvas": list(CANVAS),
@@ -193,6 +195,24 @@ def test_canvas_scores_read_digits_as_predict_does(test_digits):
     assert refusals["mean"] == 0.0
     _, refusals = canvas_robustness(never_a_digit, images, labels, settings)
     assert refusals["mean"] == 1.0
+
+
+def test_pen_scores_redraw_digits_and_non_digits_with_each_pen(test_digits):
+    images, labels = test_digits
+    settings = EvaluateSettings.from_params(SETTINGS)
+
+    def refuses_inky_inputs(inputs: np.ndarray) -> np.ndarray:
+        ink = np.asarray(inputs).reshape(len(inputs), -1).mean(axis=1)  # 0.08 at 1.5, 0.19 at 4.5
+        doubt = np.where(ink > 0.13, 0.6, 0.0)[:, np.newaxis]  # and reads a 7 either way
+        return (1 - doubt) * np.eye(CLASSES)[7] + doubt * np.eye(CLASSES)[NOT_A_DIGIT]
+
+    scores = pen_robustness(refuses_inky_inputs, images, labels, images[:20], settings)
+    assert list(scores) == ["1.5", "4.5"]
+    thin, thick = scores["1.5"], scores["4.5"]
+    assert thin["digits_refused"] < 0.2 < 0.8 < thick["digits_refused"]
+    assert thin["not_digits_refused"] < 0.2 < 0.8 < thick["not_digits_refused"]
+    sample = np.random.default_rng(11).choice(len(images), size=10, replace=False)
+    assert thin["accuracy"] == thick["accuracy"] == pytest.approx((labels[sample] == 7).mean())
 
 
 # ---- Numbers -----------------------------------------------------------------------------------

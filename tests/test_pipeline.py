@@ -53,6 +53,9 @@ def test_repro_runs_every_stage_and_tracks_the_run(fast_project):
     assert 0.0 <= metrics["expected_calibration_error"] <= 1.0
     detail = json.loads((fast_project.root / "reports/metrics_detail.json").read_text())
     assert set(detail["per_class"]) == {str(d) for d in range(10)}
+    pens = yaml.safe_load((fast_project.root / "params.yaml").read_text())["evaluate"]
+    assert set(detail["pens"]) == {f"{width:g}" for width in pens["pen_widths"]}
+    assert all(0.0 <= score <= 1.0 for pen in detail["pens"].values() for score in pen.values())
     assert 0.5 < metrics["canvas_accuracy"] <= 1.0
     for report in ("confusion.csv", "calibration.csv", "misclassified.png", "train_history.csv"):
         assert (fast_project.root / "reports" / report).stat().st_size > 0

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipelines.download import load_prepared, read_split
+from pipelines.download import load_prepared, read_split, stroke_width
 from pipelines.feedback import SPLITS
 from pipelines.model import FusedBatchNormalization, build_model, divide_logits, raise_logit
 from pipelines.preprocessing import CLASSES, NOT_A_DIGIT, SEVERAL_DIGITS, as_batch, refused
@@ -28,6 +28,7 @@ from pipelines.train import (
     load_data,
     random_affine,
     random_thickness,
+    redrawn,
     resolve_precision,
     scribbles,
     softmax,
@@ -41,6 +42,12 @@ from tests.helpers import SHARED_MNIST, fast_params
 
 def settings(**overrides) -> TrainSettings:
     return TrainSettings.from_params({**fast_params()["train"], **overrides})
+
+
+def plain_settings(**overrides) -> TrainSettings:
+    """A fifth of the images non-digits, and no drawn digits besides MNIST's unless asked."""
+    drawn = dict(canvas_digits=0, crowded_digits=0, redrawn_digits=0, redrawn_not_digits=0)
+    return settings(**{"not_digit_share": 0.2, **drawn, **overrides})
 
 
 def bar_images(count: int = 8) -> tf.Tensor:
@@ -302,7 +309,7 @@ def small_prepared_split(folder: Path) -> tuple[Path, Path, Path]:
 
 def test_training_data_mixes_in_the_non_digits_at_their_share(tmp_path):
     mnist, others, _ = small_prepared_split(tmp_path)
-    run = settings(not_digit_share=0.2, scribbles=60, joined_digits=40)
+    run = settings(not_digit_share=0.2, scribbles=60, joined_digits=40, redrawn_not_digits=0)
     data = load_data(mnist, others, None, run)
     labels = data["y_train"]
     # Exactly a fifth of the images: the pool of 120 repeated, then a sample of it.
@@ -357,17 +364,60 @@ def test_digits_drawn_on_the_pad_and_cut_from_pairs_train_under_their_labels(tmp
     assert crowded.shape == (40, 28, 28) and crowded.min() >= 0.0 and crowded.max() <= 1.0
     assert set(crowded_labels) <= set(labels[:300]) and len(set(crowded_labels)) > 3
     mnist, others, _ = small_prepared_split(tmp_path)
-    run = settings(not_digit_share=0.2, canvas_digits=100, crowded_digits=50)
+    run = settings(not_digit_share=0.2, canvas_digits=100, crowded_digits=50, redrawn_digits=30)
     data = load_data(mnist, others, None, run)
-    assert (data["y_train"] < 10).sum() == 2000 + 150  # MNIST's, then the drawn ones
+    assert (data["y_train"] < 10).sum() == 2000 + 180  # MNIST's, then the drawn ones
     assert 0.15 <= (data["y_train"] >= NOT_A_DIGIT).mean() <= 0.25  # the share counts them
+
+
+def cosine(images: np.ndarray, others: np.ndarray) -> np.ndarray:
+    """How alike each image is to its partner in `others` (1: the same up to brightness)."""
+
+    def unit(batch: np.ndarray) -> np.ndarray:
+        flat = batch.reshape(len(batch), -1).astype(np.float64)
+        return flat / np.linalg.norm(flat, axis=1, keepdims=True)
+
+    return (unit(images) * unit(others)).sum(axis=1)
+
+
+def test_digits_and_non_digits_are_redrawn_with_the_same_round_pens(tmp_path):
+    digits, labels = read_split(SHARED_MNIST, "t10k")
+    thin, chosen = redrawn(digits[:400], 60, (1.5, 1.5), seed=3)
+    again, same = redrawn(digits[:400], 60, (1.5, 1.5), seed=3)
+    np.testing.assert_array_equal(thin, again)
+    np.testing.assert_array_equal(chosen, same)
+    assert thin.shape == (60, 28, 28) and thin.min() >= 0.0 and thin.max() <= 1.0
+    thick, _ = redrawn(digits[:400], 60, (4.5, 4.5), seed=3)
+    # Each is its own digit redrawn: more like its original than like the next one chosen.
+    for pen in (thin, thick):
+        own = cosine(pen, digits[chosen])
+        assert np.mean(own > cosine(pen, np.roll(digits[chosen], 1, axis=0))) >= 0.95
+        assert own.mean() > 0.7
+    # And as wide as the pen: thinner than most MNIST digits or thicker (quartiles 2.2 and 3.3,
+    # 90th percentile 4.3, as download.stroke_width measures).
+    thin_width = stroke_width(np.round(thin * 255).astype(np.uint8))
+    thick_width = stroke_width(np.round(thick * 255).astype(np.uint8))
+    assert np.median(thin_width) < 1.9 and np.median(thick_width) > 4.5
+    # Training takes the redrawn digits under their labels, and redrawn non-digits in the pool.
+    mnist, others, _ = small_prepared_split(tmp_path)
+    run = plain_settings(scribbles=60, joined_digits=40, redrawn_digits=50, redrawn_not_digits=20)
+    data = load_data(mnist, others, None, run)
+    train_digits = load_prepared(mnist)
+    images, indices = redrawn(train_digits["x_train"], 50, run.redrawn_stroke_width, run.seed)
+    np.testing.assert_allclose(data["x_train"][2000:2050], images)
+    assert list(data["y_train"][2000:2050]) == list(train_digits["y_train"][indices])
+    # The redrawn non-digits join the pool, which still makes a fifth of the images.
+    drawings = load_prepared(others)
+    pens, seed = run.redrawn_stroke_width, run.seed + 1
+    letters, _ = redrawn(drawings["images"][drawings["split"] == "train"], 20, pens, seed)
+    refused = data["x_train"][data["y_train"] == NOT_A_DIGIT].reshape(-1, 1, 28 * 28)
+    assert (np.abs(refused - letters.reshape(1, 20, -1)).max(axis=2) < 1e-6).any(axis=0).all()
+    assert (data["y_train"] >= NOT_A_DIGIT).sum() == round(0.25 * 2050)
 
 
 def test_a_small_training_set_is_not_drowned_in_non_digits(tmp_path):
     mnist, others, _ = small_prepared_split(tmp_path)
-    run = settings(
-        not_digit_share=0.2, scribbles=1500, joined_digits=500, canvas_digits=0, crowded_digits=0
-    )
+    run = plain_settings(scribbles=1500, joined_digits=500)
     first, again = load_data(mnist, others, None, run), load_data(mnist, others, None, run)
     labels = first["y_train"]
     assert (labels >= NOT_A_DIGIT).sum() == 500  # 2,000 digits: a fifth of 2,500 images
