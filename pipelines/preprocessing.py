@@ -28,7 +28,8 @@ from PIL import Image, ImageSequence
 
 # v2: the model's input is unchanged, but it answers CLASSES (digits, then not a digit).
 # v3: and then several digits.
-PREPROCESSING_VERSION = "mnist-box20-com-v3"
+# v4: the background may brighten or darken evenly across the image (a photographed page).
+PREPROCESSING_VERSION = "mnist-box20-com-v4"
 IMAGE_SIZE = 28
 INPUT_SHAPE = (IMAGE_SIZE, IMAGE_SIZE, 1)
 LABELS = tuple(range(10))  # class index i is the digit i
@@ -45,6 +46,10 @@ INK_THRESHOLD = 0.2  # a pixel is ink when it differs from the background by 20%
 MIN_CONTRAST = 0.15  # below this the image is blank (uniform, or only compression noise)
 SPECK_FRACTION = 0.02  # ink blobs holding less than 2% of all ink are specks, not strokes
 MIN_INK_PIXELS = 4  # fewer ink pixels than this is not a digit
+PAPER_RANK = 80  # a side of the border is paper at this percentile of its shades (from the ink's
+# end): the median, half of a large digit's edge that touched the side made it a shadow
+MAX_SHADING = 0.2  # a side further than this from the whole border's median is ink (a stroke
+# running along a tightly cropped edge), not the page's shading
 
 
 class ImageError(ValueError):
@@ -153,11 +158,38 @@ def ink_map(image: Image.Image) -> np.ndarray:
 
 
 def _colour_ink(image: Image.Image) -> np.ndarray:
-    """Ink as the distance from the background colour, which the border's median gives."""
+    """Ink as the distance from the background, which the border gives: its median, brightening
+    or darkening evenly from one side to the other as the sides' medians do (a page photographed
+    under uneven light; a uniform background has none)."""
     gray = _grayscale(image)
-    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
-    background = float(np.median(border))
-    return np.abs(gray - background).astype(np.float32)
+    return np.abs(gray - _background(gray)).astype(np.float32)
+
+
+def _background(gray: np.ndarray) -> np.ndarray | float:
+    """The paper's shade at every pixel: the plane through the border's median whose slope
+    across and down is that of the sides' paper (each side's PAPER_RANK shade from the ink's
+    end, so strokes may cover most of a side; a side still further than MAX_SHADING from the
+    border's median counts as the median); one shade for all when the border is even."""
+    height, width = gray.shape
+    sides = gray[0], gray[-1], gray[:, 0], gray[:, -1]
+    edge = np.concatenate(sides)
+    border = float(np.median(edge))
+    if edge.min() == edge.max():  # a drawing program's blank page
+        return border
+    rank = PAPER_RANK if border >= 0.5 else 100 - PAPER_RANK  # dark ink on light paper, or not
+    top, bottom, left, right = (float(np.percentile(pixels, rank)) for pixels in sides)
+
+    def shading(start: float, end: float, length: int) -> float:
+        if max(abs(start - border), abs(end - border)) > MAX_SHADING:
+            return 0.0
+        return (end - start) / max(length - 1, 1)
+
+    across, down = shading(left, right, width), shading(top, bottom, height)
+    if across == 0.0 and down == 0.0:
+        return border
+    columns = np.arange(width, dtype=np.float32) - (width - 1) / 2
+    rows = np.arange(height, dtype=np.float32)[:, np.newaxis] - (height - 1) / 2
+    return border + across * columns + down * rows
 
 
 def _alpha_ink(alpha: np.ndarray) -> np.ndarray | None:

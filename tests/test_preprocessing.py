@@ -107,6 +107,36 @@ def test_dark_background_with_light_ink_reads_the_same():
     np.testing.assert_allclose(image_to_input(dark), image_to_input(draw_seven()), atol=0.02)
 
 
+def shaded(image: Image.Image, across: float, down: float) -> Image.Image:
+    """The drawing on paper that brightens by `across` grey levels from its left edge to its
+    right one and `down` from its top to its bottom (a page photographed under uneven light)."""
+    pixels = np.asarray(image, dtype=np.float64)
+    height, width = pixels.shape
+    light = (
+        np.linspace(-across / 2, across / 2, width)
+        + np.linspace(-down / 2, down / 2, height)[:, np.newaxis]
+    )
+    return Image.fromarray(np.clip(pixels + light, 0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("paper", [200, 255], ids=["grey", "white"])
+def test_a_page_shaded_unevenly_reads_like_evenly_lit_paper(paper):
+    even = draw_seven(ink=40, background=paper - 50)  # lit up to `paper`, never past white
+    uneven = shaded(even, across=60.0, down=-40.0)
+    np.testing.assert_allclose(image_to_input(uneven), image_to_input(even), atol=0.03)
+    photo = Image.open(io.BytesIO(png_bytes(uneven.convert("RGB"), format="JPEG", quality=85)))
+    np.testing.assert_allclose(image_to_input(photo), image_to_input(even), atol=0.08)
+
+
+def test_a_stroke_along_a_tightly_cropped_edge_is_ink_not_shading():
+    """A 7 cropped to its ink: its bar fills the top row, which is no lighting."""
+    tight = draw_seven(box=(9, 12, 120, 160)).crop((0, 6, 130, 170))
+    padded = Image.new("L", (200, 240), 255)  # under 256 pixels, as the crop: no shrinking
+    padded.paste(tight, (40, 40))
+    assert np.asarray(tight)[0].mean() < 128  # the top row is mostly ink
+    np.testing.assert_allclose(image_to_input(tight), image_to_input(padded), atol=0.02)
+
+
 def test_specks_do_not_move_the_crop():
     clean = draw_seven()
     speckled = clean.copy()
