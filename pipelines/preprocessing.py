@@ -159,7 +159,7 @@ def ink_map(image: Image.Image) -> np.ndarray:
 
 def _colour_ink(image: Image.Image) -> np.ndarray:
     """Ink as the distance from the background, which the border gives: its median, brightening
-    or darkening evenly from one side to the other as the sides' medians do (a page photographed
+    or darkening evenly from one side to the other as the sides' paper does (a page photographed
     under uneven light; a uniform background has none)."""
     gray = _grayscale(image)
     return np.abs(gray - _background(gray)).astype(np.float32)
