@@ -10,8 +10,9 @@ knowing the truth exactly: every digit's label and where its ink is.
 Single digits follow a `CanvasStyle` (`render_on_canvas`); numbers are laid out left to right by
 `render_number`. Both draw with `glyph`, which scales an MNIST digit the way the page would show
 it, and `canvas_image`, which turns ink into the image the page sends. `redraw_with_pens` draws a
-digit (or any model input) again along its centre line with a round pen of even width, the way
-the non-digit drawings are prepared, and as a marker or a drawing program's brush draws.
+digit (or any model input) again along its centre line (`centre_lines`) with a round pen of even
+width, the way the non-digit drawings are prepared, and as a marker or a drawing program's brush
+draws.
 """
 
 from __future__ import annotations
@@ -329,19 +330,25 @@ def _touching_x(rightmost: np.ndarray, solid: np.ndarray, top: int) -> int:
     return int(best)
 
 
-def redraw_with_pens(images: np.ndarray, widths: np.ndarray) -> np.ndarray:
-    """uint8 inputs (N, 28, 28), each with some pixel at least half dark, redrawn along their
-    centre line with round pens `widths` pixels of the 20-pixel box wide and read back through
-    the preprocessing contract: float inputs in [0, 1]."""
-    if len(images) == 0:
-        return np.empty((0, IMAGE_SIZE, IMAGE_SIZE), np.float32)
+def centre_lines(images: np.ndarray) -> np.ndarray:
+    """The one-pixel centre lines of uint8 inputs (N, 28, 28), each with some pixel at least
+    half dark, found on the input enlarged REDRAW_SCALE times: (N, 112, 112) booleans."""
     side = IMAGE_SIZE * REDRAW_SCALE
+    if len(images) == 0:
+        return np.zeros((0, side, side), dtype=bool)
     enlarged = np.stack(
         [
             np.asarray(Image.fromarray(image).resize((side, side), Image.Resampling.BILINEAR))
             for image in images
         ]
     )
-    names = [f"image {index}" for index in range(len(images))]
-    inputs = centres_to_inputs(list(skeleton(enlarged >= 128)), widths, names)
-    return inputs.astype(np.float32) / 255.0
+    return skeleton(enlarged >= 128)
+
+
+def redraw_with_pens(centres: np.ndarray, widths: np.ndarray) -> np.ndarray:
+    """Centre lines (`centre_lines`) redrawn with round pens `widths` pixels of the 20-pixel box
+    wide and read back through the preprocessing contract: float inputs in [0, 1]."""
+    if len(centres) == 0:
+        return np.empty((0, IMAGE_SIZE, IMAGE_SIZE), np.float32)
+    names = [f"image {index}" for index in range(len(centres))]
+    return centres_to_inputs(list(centres), widths, names).astype(np.float32) / 255.0

@@ -42,6 +42,7 @@ from pipelines.download import centres_to_inputs, load_prepared
 from pipelines.drawing import (
     CANVAS_STYLES,
     RenderedNumber,
+    centre_lines,
     redraw_with_pens,
     render_number,
     render_on_canvas,
@@ -328,10 +329,11 @@ def pen_robustness(
     """
     rng = np.random.default_rng(settings.canvas_seed)
     sample = rng.choice(len(images), size=min(settings.canvas_samples, len(images)), replace=False)
+    digit_lines, other_lines = centre_lines(images[sample]), centre_lines(not_digits)
     scores = {}
     for width in settings.pen_widths:
-        digits = classify(redraw_with_pens(images[sample], np.full(len(sample), width)))
-        others = classify(redraw_with_pens(not_digits, np.full(len(not_digits), width)))
+        digits = classify(redraw_with_pens(digit_lines, np.full(len(sample), width)))
+        others = classify(redraw_with_pens(other_lines, np.full(len(not_digits), width)))
         scores[f"{width:g}"] = {
             "accuracy": round(
                 float((digits[:, : len(LABELS)].argmax(axis=1) == labels[sample]).mean()), 4

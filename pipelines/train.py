@@ -58,6 +58,7 @@ from pipelines.download import file_md5, load_prepared
 from pipelines.drawing import (
     BACKGROUNDS,
     CanvasStyle,
+    centre_lines,
     redraw_with_pens,
     render_number,
     render_on_canvas,
@@ -412,7 +413,8 @@ def redrawn(
     rng = np.random.default_rng(seed)
     inked = np.flatnonzero((images >= 128).any(axis=(1, 2)))  # a centre line to redraw
     chosen = np.sort(rng.choice(inked, size=min(count, len(inked)), replace=False))
-    return redraw_with_pens(images[chosen], rng.uniform(*widths, size=len(chosen))), chosen
+    pens = rng.uniform(*widths, size=len(chosen))
+    return redraw_with_pens(centre_lines(images[chosen]), pens), chosen
 
 
 def load_data(
