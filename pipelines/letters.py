@@ -120,7 +120,9 @@ def draw_letters(settings: LetterSettings) -> list[Letter]:
     return letters
 
 
-def distort(strokes: Sequence[Stroke], settings: LetterSettings, rng: np.random.Generator):
+def distort(
+    strokes: Sequence[Stroke], settings: LetterSettings, rng: np.random.Generator
+) -> list[Stroke]:
     """The strokes turned, slanted, stretched, and each stroke and point moved a little."""
     points = np.concatenate(strokes)
     height = max(float(np.ptp(points[:, 1])), float(np.ptp(points[:, 0])), 1.0)

@@ -6,15 +6,29 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import pytest
 import yaml
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = REPO.parent / "shared" / "mnist"
 SHARED_OMNIGLOT = REPO.parent / "shared" / "omniglot"
 FAST_PARAMS = REPO / "tests" / "fast_params.yaml"
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's: the browser tests' real Chromium
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @dataclass(frozen=True)
@@ -111,3 +125,17 @@ def letter_settings(**overrides: object):
         seed=17,
     )
     return LetterSettings(**(values | overrides))
+
+
+def launched_chromium() -> Iterator[Browser]:
+    """Debian's Chromium under Playwright, closed when the generator ends. While it runs,
+    Playwright's sync API keeps an event loop running in this thread (asyncio.run() fails):
+    other modules use it only within a fixture that ends with them."""
+    from playwright.sync_api import sync_playwright  # only the browser tests need it
+
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (scripts/setup --browser)")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()

@@ -25,8 +25,8 @@ from pipelines.drawing import canvas_image
 from pipelines.feedback import FeedbackSettings, examples_of, split_of
 from pipelines.preprocessing import NOT_A_DIGIT, SEVERAL_DIGITS
 from tests.conftest import serve
-from tests.helpers import REPO, SHARED_MNIST, FastProject, run_in
-from tests.test_web import Feedback, Glyph, centred, launched_chromium, page_opener
+from tests.helpers import REPO, SHARED_MNIST, FastProject, launched_chromium, run_in
+from tests.test_web import Feedback, Glyph, centred, page_opener
 
 SETTINGS = FeedbackSettings.from_params(
     yaml.safe_load((REPO / "params.yaml").read_text())["feedback"]

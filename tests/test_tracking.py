@@ -24,10 +24,8 @@ from mlflow.tracking import MlflowClient
 
 from pipelines import tracking
 from tests.conftest import free_port, stop_process
-from tests.helpers import REPO, FastProject, run_in
+from tests.helpers import REPO, FastProject, launched_chromium, run_in
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 MLFLOW = REPO / ".venv" / "bin" / "mlflow"
 TERMINAL_COLUMNS = 200  # the widest terminal `dvc exp show` may need
 # README's compact view: the headline figures and the network's shape
@@ -196,7 +194,7 @@ def wait_for_health(base_url: str, process: subprocess.Popen, log_path: Path) ->
 def test_mlflow_ui_shows_the_run_its_model_its_datasets_and_the_champion(
     fast_project: FastProject, tmp_path: Path
 ):
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     mlflow.set_tracking_uri(fast_project.tracking_uri)
     client = MlflowClient()
@@ -208,9 +206,8 @@ def test_mlflow_ui_shows_the_run_its_model_its_datasets_and_the_champion(
 
     with (
         mlflow_server(fast_project, tmp_path / "server.log") as base_url,
-        sync_playwright() as playwright,
+        contextlib.contextmanager(launched_chromium)() as browser,
     ):
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1440, "height": 900})
         page.set_default_timeout(UI_TIMEOUT_MS)
         experiment_page = f"{base_url}/#/experiments/{experiment.experiment_id}"
@@ -229,4 +226,3 @@ def test_mlflow_ui_shows_the_run_its_model_its_datasets_and_the_champion(
 
         page.goto(f"{base_url}/#/models/{tracking.REGISTERED_MODEL}")
         expect(page.get_by_text("champion").first).to_be_visible()
-        browser.close()

@@ -30,22 +30,14 @@ from playwright.sync_api import (
     Request,
     Route,
     expect,
-    sync_playwright,
 )
 
 from pipelines.corrections import Correction, CorrectionStore
 from tests.conftest import serve
+from tests.helpers import launched_chromium
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 DESKTOP = {"viewport": {"width": 1280, "height": 800}}
 PHONE = {
@@ -245,18 +237,6 @@ def sent_image(request: Request, mode: str = "L") -> np.ndarray:
 @pytest.fixture(scope="session")
 def chromium() -> Iterator[Browser]:
     yield from launched_chromium()
-
-
-def launched_chromium() -> Iterator[Browser]:
-    """Debian's Chromium under Playwright, closed when the generator ends. While it runs,
-    Playwright's sync API keeps an event loop running in this thread (asyncio.run() fails):
-    other modules use it only within a fixture that ends with them."""
-    if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (scripts/setup --browser)")
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture
