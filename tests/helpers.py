@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -127,8 +128,9 @@ def letter_settings(**overrides: object):
     return LetterSettings(**(values | overrides))
 
 
+@contextlib.contextmanager
 def launched_chromium() -> Iterator[Browser]:
-    """Debian's Chromium under Playwright, closed when the generator ends. While it runs,
+    """Debian's Chromium under Playwright, closed when the block ends. While it runs,
     Playwright's sync API keeps an event loop running in this thread (asyncio.run() fails):
     other modules use it only within a fixture that ends with them."""
     from playwright.sync_api import sync_playwright  # only the browser tests need it

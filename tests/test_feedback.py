@@ -220,7 +220,8 @@ def test_delete_removes_one_correction_or_everything_from_one_client(project, mn
 @pytest.fixture
 def browser() -> Iterator[Browser]:
     """Chromium for one test: closed with it, so later modules' event loops are their own."""
-    yield from launched_chromium()
+    with launched_chromium() as browser:
+        yield browser
 
 
 BOXY_SIX: Glyph = [[(0.7, 0.0), (0.0, 0.0), (0.0, 1.0), (0.7, 1.0), (0.7, 0.5), (0.0, 0.5)]]

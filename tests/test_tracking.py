@@ -206,7 +206,7 @@ def test_mlflow_ui_shows_the_run_its_model_its_datasets_and_the_champion(
 
     with (
         mlflow_server(fast_project, tmp_path / "server.log") as base_url,
-        contextlib.contextmanager(launched_chromium)() as browser,
+        launched_chromium() as browser,
     ):
         page = browser.new_page(viewport={"width": 1440, "height": 900})
         page.set_default_timeout(UI_TIMEOUT_MS)

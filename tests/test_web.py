@@ -236,7 +236,8 @@ def sent_image(request: Request, mode: str = "L") -> np.ndarray:
 
 @pytest.fixture(scope="session")
 def chromium() -> Iterator[Browser]:
-    yield from launched_chromium()
+    with launched_chromium() as browser:
+        yield browser
 
 
 @pytest.fixture
