@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from pipelines.preprocessing import INK_THRESHOLD, LABELS, NoDigitError
+from pipelines.preprocessing import INK_THRESHOLD, LABELS, NOT_A_DIGIT, NoDigitError
 
 LINE_HEIGHT = 32  # the strip's rows
 LINE_WIDTH = 256  # and columns: room for eight digits of LINE_INK_HEIGHT side by side
@@ -24,8 +24,8 @@ LINE_INK_HEIGHT = 22  # the mark's ink is scaled to this height, about an MNIST 
 LINE_LEFT = 4  # blank columns kept before (and at least after) the ink
 LINE_STRIDE = 4  # strip columns per output frame
 LINE_FRAMES = LINE_WIDTH // LINE_STRIDE
-BLANK = 0  # the reader's output class for "no new digit here"; class d + 1 is the digit d
-LINE_CLASSES = len(LABELS) + 1
+BLANK = 0  # the reader's output class for "nothing new here"; class d + 1 is the digit d,
+LINE_CLASSES = len(LABELS) + 2  # and the last, NOT_A_DIGIT + 1, a mark that is not a digit
 
 
 @dataclass(frozen=True)
@@ -47,9 +47,13 @@ class LineInput:
 class LineDigit:
     """One digit the line reader read: which, how sure, and the mark's columns it owns."""
 
-    digit: int
+    digit: int  # or NOT_A_DIGIT: a letter, a symbol, a scribble
     probabilities: np.ndarray  # (10,) the digits' probabilities at the frame that reads it
     columns: tuple[int, int]  # [start, stop) of the mark's columns, between its neighbours'
+
+    @property
+    def is_digit(self) -> bool:
+        return self.digit != NOT_A_DIGIT
 
 
 def line_input(mark: np.ndarray) -> LineInput:
@@ -96,7 +100,7 @@ def read_line(probabilities: np.ndarray, line: LineInput) -> list[LineDigit]:
     for frames in runs:
         label = int(best[frames[0]])
         peak = max(frames, key=lambda frame: probabilities[frame, label])
-        row = probabilities[peak, BLANK + 1 :]
+        row = probabilities[peak, BLANK + 1 : BLANK + 1 + len(LABELS)]
         digits.append((label - 1, row / max(float(row.sum()), 1e-12)))
         centres.append((np.mean(frames) + 0.5) * LINE_STRIDE)
     edges = [float(LINE_LEFT)]

@@ -29,7 +29,7 @@ from pipelines.download import load_prepared
 from pipelines.drawing import render_number
 from pipelines.lines import BLANK, line_input, read_line
 from pipelines.model import build_line_reader
-from pipelines.preprocessing import ink_map
+from pipelines.preprocessing import NOT_A_DIGIT, ink_map
 from pipelines.train import resolve_precision
 
 log = logging.getLogger("train_lines")
@@ -47,6 +47,7 @@ class LineSettings:
     max_digits: int  # digits per line: 1 to this many
     touching: tuple[float, float]  # each line's share of touching neighbours, drawn from this
     overlapping: tuple[float, float]  # and of overlapping ones
+    not_digit_lines: float  # share of lines with one glyph that is not a digit, labelled so
     epochs: int
     batch_size: int
     learning_rate: float
@@ -61,6 +62,7 @@ class LineSettings:
             max_digits=int(section["max_digits"]),
             touching=tuple(float(v) for v in section["touching"]),
             overlapping=tuple(float(v) for v in section["overlapping"]),
+            not_digit_lines=float(section["not_digit_lines"]),
             epochs=int(section["epochs"]),
             batch_size=int(section["batch_size"]),
             learning_rate=float(section["learning_rate"]),
@@ -69,27 +71,41 @@ class LineSettings:
 
 
 def draw_lines(
-    digits: np.ndarray, labels: np.ndarray, count: int, settings: LineSettings, seed: int
+    digits: np.ndarray,
+    labels: np.ndarray,
+    count: int,
+    settings: LineSettings,
+    seed: int,
+    others: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """`count` lines of digits as strips (count, LINE_HEIGHT, LINE_WIDTH) and their digits,
-    (count, max_digits) with -1 after the last."""
+    """`count` lines of digits as strips (count, LINE_HEIGHT, LINE_WIDTH) and their labels,
+    (count, max_digits) with -1 after the last. With `others` (non-digit drawings, 28x28), a
+    share `not_digit_lines` of the lines has one glyph replaced by one of them (NOT_A_DIGIT)."""
     rng = np.random.default_rng(seed)
     strips, targets = [], np.full((count, settings.max_digits), -1, np.int64)
     for index in range(count):
         length = int(rng.integers(1, settings.max_digits + 1))
         chosen = rng.integers(0, len(digits), size=length)
+        glyphs, truth = digits[chosen].copy(), labels[chosen].astype(np.int64)
+        if others is not None and len(others) and rng.random() < settings.not_digit_lines:
+            place = int(rng.integers(0, length))
+            glyphs[place] = others[rng.integers(0, len(others))]
+            truth[place] = NOT_A_DIGIT
         touching = rng.uniform(*settings.touching)
         overlapping = rng.uniform(*settings.overlapping)
-        number = render_number(
-            digits[chosen], labels[chosen], LINE_CANVAS, touching, overlapping, rng
-        )
+        number = render_number(glyphs, truth, LINE_CANVAS, touching, overlapping, rng)
         strips.append(line_input(ink_map(number.image)).pixels)
-        targets[index, :length] = labels[chosen]
+        targets[index, :length] = truth
     return np.stack(strips), targets
 
 
 def draw_lines_in_parallel(
-    digits: np.ndarray, labels: np.ndarray, count: int, settings: LineSettings, seed: int
+    digits: np.ndarray,
+    labels: np.ndarray,
+    count: int,
+    settings: LineSettings,
+    seed: int,
+    others: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """draw_lines split over the cores, each part from its own seed."""
     workers = max(1, len(os.sched_getaffinity(0)))
@@ -104,6 +120,7 @@ def draw_lines_in_parallel(
                 sizes,
                 [settings] * workers,
                 [seed * 1000 + part for part in range(workers)],
+                [others] * workers,
             )
         )
     return np.concatenate([s for s, _ in parts]), np.concatenate([t for _, t in parts])
@@ -129,11 +146,16 @@ def texts_read(model: keras.Model, strips: np.ndarray, batch_size: int = 500) ->
 
     outputs = np.asarray(model.predict(strips[..., None], batch_size=batch_size, verbose=0))
     line = LineInput(strips[0], 1.0, 0, strips.shape[2])  # columns unused here
-    return ["".join(str(d.digit) for d in read_line(row, line)) for row in outputs]
+    return [
+        "".join(str(d.digit) if d.is_digit else "?" for d in read_line(row, line))
+        for row in outputs
+    ]
 
 
 def exact_share(model: keras.Model, strips: np.ndarray, targets: np.ndarray) -> float:
-    truths = ["".join(str(d) for d in row if d >= 0) for row in targets]
+    truths = [
+        "".join("?" if d == NOT_A_DIGIT else str(d) for d in row if d >= 0) for row in targets
+    ]
     return float(np.mean([a == b for a, b in zip(texts_read(model, strips), truths, strict=True)]))
 
 
@@ -162,18 +184,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--data", type=Path, default=Path("data/prepared/mnist.npz"))
+    parser.add_argument("--not-digits", type=Path, default=Path("data/prepared/not_digits.npz"))
     parser.add_argument("--model", type=Path, default=Path("models/line_reader.keras"))
     parser.add_argument("--metrics", type=Path, default=Path("reports/train_lines.json"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     settings = LineSettings.from_params(tracking.load_params(args.params)["train_lines"])
     data = load_prepared(args.data)
+    drawings = load_prepared(args.not_digits)
+    others = {
+        split: drawings["images"][drawings["split"] == split] for split in ("train", "validation")
+    }
     started = time.perf_counter()
     strips, targets = draw_lines_in_parallel(
-        data["x_train"], data["y_train"], settings.lines, settings, settings.seed
+        data["x_train"], data["y_train"], settings.lines, settings, settings.seed, others["train"]
     )
     val_strips, val_targets = draw_lines_in_parallel(
-        data["x_val"], data["y_val"], settings.validation_lines, settings, settings.seed + 1
+        data["x_val"],
+        data["y_val"],
+        settings.validation_lines,
+        settings,
+        settings.seed + 1,
+        others["validation"],
     )
     drawn = time.perf_counter() - started
     log.info(

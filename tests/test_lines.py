@@ -17,7 +17,7 @@ from pipelines.lines import (
     line_input,
     read_line,
 )
-from pipelines.preprocessing import NoDigitError
+from pipelines.preprocessing import NOT_A_DIGIT, NoDigitError
 
 
 def bar_mark(height: int, width: int, margin: int = 5) -> np.ndarray:
@@ -80,3 +80,10 @@ def test_each_digit_owns_the_columns_halfway_to_its_neighbours_and_its_peak_prob
 
 def test_a_strip_of_blanks_reads_no_digit():
     assert read_line(frames(), line_input(bar_mark(22, 40))) == []
+
+
+def test_a_run_of_the_not_a_digit_symbol_is_a_mark_that_is_not_a_digit():
+    line = line_input(bar_mark(22, 200))
+    read = read_line(frames((3, 5, 6), (NOT_A_DIGIT, 15, 17)), line)
+    assert [(digit.digit, digit.is_digit) for digit in read] == [(3, True), (NOT_A_DIGIT, False)]
+    assert read[1].probabilities.shape == (10,)
