@@ -1,0 +1,224 @@
+"""The `train_lines` stage (WIP): fit the line reader that reads touching digits as one strip.
+
+Run with `python -m pipelines.train_lines`. Settings come from the `train_lines:` section of
+params.yaml. Training lines are numbers of 1 to `max_digits` MNIST training digits drawn as the
+pad shows them (`pipelines.drawing.render_number`), their neighbours touching, overlapping or
+apart in shares drawn per number, each read as one strip (`pipelines.lines.line_input`). The
+network (`pipelines.model.build_line_reader`) learns with a CTC loss, which needs no position
+for each digit, only the digits in order. Validation lines of validation digits give the share
+read exactly; the test set is never touched here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import multiprocessing
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+from keras import ops
+
+from pipelines import tracking
+from pipelines.download import load_prepared
+from pipelines.drawing import render_number
+from pipelines.lines import BLANK, line_input, read_line
+from pipelines.model import build_line_reader
+from pipelines.preprocessing import NOT_A_DIGIT, ink_map
+from pipelines.train import resolve_precision
+
+log = logging.getLogger("train_lines")
+
+LINE_CANVAS = (840, 280)  # the canvas numbers are drawn on: three of the pad's squares
+
+
+@dataclass(frozen=True)
+class LineSettings:
+    """The `train_lines:` section of params.yaml."""
+
+    seed: int
+    lines: int  # training lines drawn
+    validation_lines: int
+    max_digits: int  # digits per line: 1 to this many
+    touching: tuple[float, float]  # each line's share of touching neighbours, drawn from this
+    overlapping: tuple[float, float]  # and of overlapping ones
+    not_digit_lines: float  # share of lines with one glyph that is not a digit, labelled so
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    precision: str
+
+    @classmethod
+    def from_params(cls, section: dict) -> LineSettings:
+        return cls(
+            seed=int(section["seed"]),
+            lines=int(section["lines"]),
+            validation_lines=int(section["validation_lines"]),
+            max_digits=int(section["max_digits"]),
+            touching=tuple(float(v) for v in section["touching"]),
+            overlapping=tuple(float(v) for v in section["overlapping"]),
+            not_digit_lines=float(section["not_digit_lines"]),
+            epochs=int(section["epochs"]),
+            batch_size=int(section["batch_size"]),
+            learning_rate=float(section["learning_rate"]),
+            precision=str(section["precision"]),
+        )
+
+
+def draw_lines(
+    digits: np.ndarray,
+    labels: np.ndarray,
+    count: int,
+    settings: LineSettings,
+    seed: int,
+    others: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`count` lines of digits as strips (count, LINE_HEIGHT, LINE_WIDTH) and their labels,
+    (count, max_digits) with -1 after the last. With `others` (non-digit drawings, 28x28), a
+    share `not_digit_lines` of the lines has one glyph replaced by one of them (NOT_A_DIGIT)."""
+    rng = np.random.default_rng(seed)
+    strips, targets = [], np.full((count, settings.max_digits), -1, np.int64)
+    for index in range(count):
+        length = int(rng.integers(1, settings.max_digits + 1))
+        chosen = rng.integers(0, len(digits), size=length)
+        glyphs, truth = digits[chosen].copy(), labels[chosen].astype(np.int64)
+        if others is not None and len(others) and rng.random() < settings.not_digit_lines:
+            place = int(rng.integers(0, length))
+            glyphs[place] = others[rng.integers(0, len(others))]
+            truth[place] = NOT_A_DIGIT
+        touching = rng.uniform(*settings.touching)
+        overlapping = rng.uniform(*settings.overlapping)
+        number = render_number(glyphs, truth, LINE_CANVAS, touching, overlapping, rng)
+        strips.append(line_input(ink_map(number.image)).pixels)
+        targets[index, :length] = truth
+    return np.stack(strips), targets
+
+
+def draw_lines_in_parallel(
+    digits: np.ndarray,
+    labels: np.ndarray,
+    count: int,
+    settings: LineSettings,
+    seed: int,
+    others: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """draw_lines split over the cores, each part from its own seed."""
+    workers = max(1, len(os.sched_getaffinity(0)))
+    sizes = [count // workers + (part < count % workers) for part in range(workers)]
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        parts = list(
+            pool.map(
+                draw_lines,
+                [digits] * workers,
+                [labels] * workers,
+                sizes,
+                [settings] * workers,
+                [seed * 1000 + part for part in range(workers)],
+                [others] * workers,
+            )
+        )
+    return np.concatenate([s for s, _ in parts]), np.concatenate([t for _, t in parts])
+
+
+def ctc_loss(targets, probabilities):
+    """Mean CTC loss of (N, max_digits) targets (-1 after the last digit) under the reader's
+    (N, frames, classes) probabilities."""
+    targets = ops.cast(targets, "int32")
+    lengths = ops.sum(ops.cast(targets >= 0, "int32"), axis=1)
+    labels = ops.where(targets >= 0, targets + 1, BLANK)
+    batch, frames = ops.shape(probabilities)[0], ops.shape(probabilities)[1]
+    log_probabilities = ops.log(ops.clip(ops.cast(probabilities, "float32"), 1e-12, 1.0))
+    frame_counts = ops.full((batch,), frames, dtype="int32")
+    return ops.mean(
+        ops.ctc_loss(labels, log_probabilities, lengths, frame_counts, mask_index=BLANK)
+    )
+
+
+def texts_read(model: keras.Model, strips: np.ndarray, batch_size: int = 500) -> list[str]:
+    """What the reader reads in each strip."""
+    from pipelines.lines import LineInput
+
+    outputs = np.asarray(model.predict(strips[..., None], batch_size=batch_size, verbose=0))
+    line = LineInput(strips[0], 1.0, 0, strips.shape[2])  # columns unused here
+    return [
+        "".join(str(d.digit) if d.is_digit else "?" for d in read_line(row, line))
+        for row in outputs
+    ]
+
+
+def exact_share(model: keras.Model, strips: np.ndarray, targets: np.ndarray) -> float:
+    truths = [
+        "".join("?" if d == NOT_A_DIGIT else str(d) for d in row if d >= 0) for row in targets
+    ]
+    return float(np.mean([a == b for a, b in zip(texts_read(model, strips), truths, strict=True)]))
+
+
+def fit_line_reader(strips: np.ndarray, targets: np.ndarray, settings: LineSettings) -> keras.Model:
+    keras.utils.set_random_seed(settings.seed)
+    model = build_line_reader(precision=resolve_precision(settings.precision))
+    steps = settings.epochs * (len(strips) // settings.batch_size)
+    schedule = keras.optimizers.schedules.CosineDecay(
+        settings.learning_rate / 25,
+        steps,
+        warmup_target=settings.learning_rate,
+        warmup_steps=max(1, steps // 12),
+    )
+    model.compile(keras.optimizers.AdamW(schedule, weight_decay=1e-4), loss=ctc_loss)
+    model.fit(
+        strips[..., None],
+        targets,
+        batch_size=settings.batch_size,
+        epochs=settings.epochs,
+        verbose=2,
+    )
+    return model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--data", type=Path, default=Path("data/prepared/mnist.npz"))
+    parser.add_argument("--not-digits", type=Path, default=Path("data/prepared/not_digits.npz"))
+    parser.add_argument("--model", type=Path, default=Path("models/line_reader.keras"))
+    parser.add_argument("--metrics", type=Path, default=Path("reports/train_lines.json"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    settings = LineSettings.from_params(tracking.load_params(args.params)["train_lines"])
+    data = load_prepared(args.data)
+    drawings = load_prepared(args.not_digits)
+    others = {
+        split: drawings["images"][drawings["split"] == split] for split in ("train", "validation")
+    }
+    started = time.perf_counter()
+    strips, targets = draw_lines_in_parallel(
+        data["x_train"], data["y_train"], settings.lines, settings, settings.seed, others["train"]
+    )
+    val_strips, val_targets = draw_lines_in_parallel(
+        data["x_val"],
+        data["y_val"],
+        settings.validation_lines,
+        settings,
+        settings.seed + 1,
+        others["validation"],
+    )
+    drawn = time.perf_counter() - started
+    log.info(
+        "drew %d training and %d validation lines in %.0f s", len(strips), len(val_strips), drawn
+    )
+    model = fit_line_reader(strips, targets, settings)
+    seconds = time.perf_counter() - started - drawn
+    summary = {"val_lines_exact": exact_share(model, val_strips, val_targets)}
+    log.info("trained in %.0f s: %s", seconds, summary)
+    args.model.parent.mkdir(parents=True, exist_ok=True)
+    model.save(args.model)
+    tracking.write_json(summary, args.metrics)
+
+
+if __name__ == "__main__":
+    main()
