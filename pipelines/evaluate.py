@@ -8,8 +8,8 @@ what predicts how the product feels, always through the functions the service it
   and off-centre digits, dark or transparent backgrounds), read as /predict reads them;
 - digits and non-digits redrawn with round pens from thin to a marker's thick stroke (`pens`);
 - whole numbers of 2 to 6 MNIST test digits drawn on a wide canvas, neighbours sometimes
-  touching or overlapping, read mark by mark; and, to tell the splitting apart from the
-  classifier, the same drawings read by an oracle that knows which digit each crop holds;
+  touching or overlapping, read as /read reads them: mark by mark by the CNN, or whole by the
+  line reader (`models/line_reader.keras`) where some mark may hold touching digits;
 - drawings that are not digits (held-out Omniglot alphabets): how many are refused, and how well
   the probability of no single digit (not a digit, or several) separates them from MNIST test
   digits (AUROC).
@@ -52,22 +52,19 @@ from pipelines.preprocessing import (
     CLASSES,
     LABELS,
     NOT_A_DIGIT,
-    SEVERAL_DIGITS,
     as_batch,
     ink_map,
     not_one_digit,
     refused,
 )
 from pipelines.segmentation import (
-    NO_ANSWERS,
-    Box,
     Classifier,
+    LineReader,
     Mark,
     NotADigitError,
     ReadingPlan,
     SeveralDigitsError,
     SingleDigitPlan,
-    SplitPlan,
     digit_probabilities,
     plan_reading,
     plan_single,
@@ -269,20 +266,19 @@ def auroc(positives: np.ndarray, negatives: np.ndarray) -> float:
 
 
 def classify_plans(
-    plans: Sequence[ReadingPlan | SplitPlan | SingleDigitPlan], classify: Classifier
+    plans: Sequence[ReadingPlan | SingleDigitPlan], classify: Classifier
 ) -> list[np.ndarray]:
     """Run `classify` once over every plan's inputs (one model call instead of one per drawing)
     and return each plan's rows, for `plan.marks` or `plan.digit`."""
     sizes = [len(plan.inputs) for plan in plans]
     if sum(sizes) == 0:
-        return [NO_ANSWERS for _ in plans]
+        return [np.empty((0, CLASSES), np.float32) for _ in plans]
     probabilities = classify(np.concatenate([plan.inputs for plan in plans]))
     return np.split(np.asarray(probabilities), np.cumsum(sizes)[:-1])
 
 
 def reading_plan(image: Image.Image) -> ReadingPlan:
-    """`read_marks`' first plan of a drawing: read_marks(image, f) is
-    plan.splits(f(plan.inputs)) then that split plan's marks(f(split.inputs))."""
+    """`read_marks`' first plan of a drawing (see read_plans for the rest)."""
     return plan_reading(ink_map(image), working_scale(image), image.size)
 
 
@@ -346,11 +342,11 @@ def pen_robustness(
 
 
 def drawn_not_digits_refused(
-    classify: Classifier, images: np.ndarray, settings: EvaluateSettings
+    classify: Classifier, read_lines: LineReader, images: np.ndarray, settings: EvaluateSettings
 ) -> dict[str, float]:
     """Share of non-digit drawings (28x28 uint8, light ink on black) refused when drawn on the
     pad and read as the service reads them: by /predict (not a digit, or several digits) and
-    by /read (some mark not a digit; a drawing split into sure digits is read as a number)."""
+    by /read (some mark not a digit; read as digits, it is read as a number)."""
     rng = np.random.default_rng(settings.canvas_seed)
     style = CANVAS_STYLES["centred"]
     drawings = [render_on_canvas(image, style, settings.canvas_size, rng) for image in images]
@@ -359,7 +355,7 @@ def drawn_not_digits_refused(
         _refuses(plan, rows)
         for plan, rows in zip(singles, classify_plans(singles, classify), strict=True)
     ]
-    readings = read_plans([reading_plan(drawing) for drawing in drawings], classify)
+    readings = read_plans([reading_plan(d) for d in drawings], classify, read_lines)
     by_read = [not all(mark.is_digit for mark in marks) for marks in readings]
     shares = {"predict": _share(by_predict), "read": _share(by_read)}
     log.info("held-out non-digits drawn on the pad, refused: %s", shares)
@@ -415,22 +411,6 @@ def describe_reading(number: RenderedNumber, marks: Sequence[Mark]) -> NumberRea
     return NumberReading(number.text, number.joins, text, found, frozenset(joined))
 
 
-def oracle_probabilities(number: RenderedNumber, boxes: Sequence[Box]) -> np.ndarray:
-    """A perfect classifier's answers for crops of a drawn number: the label of the digit a crop
-    holds (RenderedNumber.digit_in), certain; "several digits" for a crop of several, and "not
-    a digit" for a piece of one, certain. Reading with it measures the splitting alone."""
-    answers = np.zeros((len(boxes), CLASSES), dtype=np.float32)
-    for row, box in zip(answers, boxes, strict=True):
-        which = number.digit_in(box)
-        if which is not None:
-            row[number.labels[which]] = 1.0
-        elif number.present_in(box).sum() > 1:
-            row[SEVERAL_DIGITS] = 1.0
-        else:
-            row[NOT_A_DIGIT] = 1.0
-    return answers
-
-
 def draw_numbers(
     images: np.ndarray, labels: np.ndarray, length: int, settings: EvaluateSettings
 ) -> Iterator[RenderedNumber]:
@@ -449,33 +429,36 @@ def draw_numbers(
 
 
 def read_numbers(
-    numbers: Iterable[RenderedNumber], classify: Classifier
-) -> Iterator[tuple[RenderedNumber, list[Mark], list[Mark]]]:
-    """Each number with its marks as read_marks reads them with `classify`, and with the oracle.
-
-    Numbers go by chunks of NUMBER_CHUNK, the model called once per chunk and pass.
-    """
+    numbers: Iterable[RenderedNumber], classify: Classifier, read_lines: LineReader
+) -> Iterator[tuple[RenderedNumber, list[Mark]]]:
+    """Each number with its marks as read_marks reads them, by chunks of NUMBER_CHUNK."""
     numbers = iter(numbers)
     while chunk := list(itertools.islice(numbers, NUMBER_CHUNK)):
         plans = [reading_plan(drawn.image) for drawn in chunk]
-        for drawn, plan, marks in zip(chunk, plans, read_plans(plans, classify), strict=True):
-            yield drawn, marks, oracle_marks(drawn, plan)
+        yield from zip(chunk, read_plans(plans, classify, read_lines), strict=True)
 
 
-def read_plans(plans: Sequence[ReadingPlan], classify: Classifier) -> list[list[Mark]]:
-    """The marks of each plan as read_marks reads them: one model call for every plan's marks,
-    then one for every piece of the marks that may hold several digits."""
-    splits = [
-        plan.splits(rows) for plan, rows in zip(plans, classify_plans(plans, classify), strict=True)
+def read_plans(
+    plans: Sequence[ReadingPlan], classify: Classifier, read_lines: LineReader
+) -> list[list[Mark]]:
+    """The marks of each plan as read_marks reads them: one CNN call for every plan's marks,
+    then one line reader call per strip width for the drawings that need it."""
+    answers = classify_plans(plans, classify)
+    lines = {
+        index: plan.line_plan(rows)
+        for index, (plan, rows) in enumerate(zip(plans, answers, strict=True))
+        if plan.needs_line(rows)
+    }
+    read: dict[int, np.ndarray] = {}
+    by_width = sorted(lines, key=lambda index: lines[index].input.shape[2])
+    for _, group in itertools.groupby(by_width, key=lambda index: lines[index].input.shape[2]):
+        group = list(group)
+        outputs = read_lines(np.concatenate([lines[index].input for index in group]))
+        read.update(zip(group, np.split(np.asarray(outputs), len(group)), strict=True))
+    return [
+        lines[index].marks(read[index]) if index in lines else plan.marks(rows)
+        for index, (plan, rows) in enumerate(zip(plans, answers, strict=True))
     ]
-    answers = classify_plans(splits, classify)
-    return [split.marks(rows) for split, rows in zip(splits, answers, strict=True)]
-
-
-def oracle_marks(number: RenderedNumber, plan: ReadingPlan) -> list[Mark]:
-    """The marks a perfect classifier (oracle_probabilities) reads from a number's plan."""
-    split = plan.splits(oracle_probabilities(number, plan.boxes))
-    return split.marks(oracle_probabilities(number, split.boxes))
 
 
 def number_scores(readings: Sequence[NumberReading]) -> dict[str, float]:
@@ -555,20 +538,22 @@ def _ink(image: Image.Image) -> np.ndarray:
 
 
 def evaluate_numbers(
-    classify: Classifier, images: np.ndarray, labels: np.ndarray, settings: EvaluateSettings
+    classify: Classifier,
+    read_lines: LineReader,
+    images: np.ndarray,
+    labels: np.ndarray,
+    settings: EvaluateSettings,
 ) -> tuple[dict[str, float], dict[str, float], Image.Image]:
-    """Number scores, segmentation scores (oracle and model) and the examples grid."""
+    """Number scores, segmentation scores (where the boxes fall) and the examples grid."""
     model_readings: list[NumberReading] = []
-    oracle_readings: list[NumberReading] = []
     wanted = max(1, settings.number_examples // max(1, len(settings.number_lengths)))
     examples: list[tuple[RenderedNumber, list[Mark]]] = []
     for length in settings.number_lengths:
         right: list[tuple[RenderedNumber, list[Mark]]] = []
         wrong: list[tuple[RenderedNumber, list[Mark]]] = []
         numbers = draw_numbers(images, labels, length, settings)
-        for number, marks, oracle_marks in read_numbers(numbers, classify):
+        for number, marks in read_numbers(numbers, classify, read_lines):
             model_readings.append(describe_reading(number, marks))
-            oracle_readings.append(describe_reading(number, oracle_marks))
             kept = right if model_readings[-1].exact else wrong
             if len(kept) < wanted:
                 kept.append((number, marks))
@@ -577,8 +562,7 @@ def evaluate_numbers(
         examples += right[: wanted - shown_wrong] + wrong[:shown_wrong]
         scores = number_scores(model_readings[-settings.number_samples :])
         log.info("numbers of %d digits read exactly: %.4f", length, scores["accuracy"])
-    segmentation = segmentation_scores(oracle_readings, "oracle")
-    segmentation.update(segmentation_scores(model_readings, "model"))
+    segmentation = segmentation_scores(model_readings, "model")
     return number_scores(model_readings), segmentation, numbers_grid(examples)
 
 
@@ -607,6 +591,7 @@ def main() -> None:
     parser.add_argument("--not-digits", type=Path, default=Path("data/prepared/not_digits.npz"))
     parser.add_argument("--corrections", type=Path, help="users' accepted corrections (npz)")
     parser.add_argument("--model", type=Path, default=Path("models/model.keras"))
+    parser.add_argument("--line-reader", type=Path, default=Path("models/line_reader.keras"))
     parser.add_argument("--train-metrics", type=Path, default=Path("reports/train.json"))
     parser.add_argument("--metrics", type=Path, default=Path("reports/metrics.json"))
     parser.add_argument("--metrics-detail", type=Path, default=Path("reports/metrics_detail.json"))
@@ -626,8 +611,13 @@ def main() -> None:
     trained = json.loads(args.train_metrics.read_text())
     model = keras.saving.load_model(args.model)
 
+    line_reader = keras.saving.load_model(args.line_reader, compile=False)
+
     def classify(images: np.ndarray) -> np.ndarray:
         return predict_probabilities(model, images, settings.batch_size)
+
+    def read_lines(strips: np.ndarray) -> np.ndarray:
+        return np.asarray(line_reader.predict(strips[..., np.newaxis], verbose=0))
 
     images, labels = data["x_test"], data["y_test"].astype(np.int64)
     probabilities = classify(images.astype(np.float32) / 255.0)
@@ -639,8 +629,10 @@ def main() -> None:
     canvas, canvas_refused = canvas_robustness(classify, images, labels, settings)
     test_drawings = others["images"][others["split"] == "test"]
     pens = pen_robustness(classify, images, labels, test_drawings, settings)
-    numbers, segmentation, examples = evaluate_numbers(classify, images, labels, settings)
-    drawn_not_digits = drawn_not_digits_refused(classify, test_drawings, settings)
+    numbers, segmentation, examples = evaluate_numbers(
+        classify, read_lines, images, labels, settings
+    )
+    drawn_not_digits = drawn_not_digits_refused(classify, read_lines, test_drawings, settings)
     letters = letters_refused(
         classify,
         LetterSettings.from_section(params["download"]["letters"]),

@@ -1,11 +1,12 @@
-"""The line reader's contract: a mark of touching digits as one strip, and what it reads there.
+"""The line reader's contract: a drawing as one strip, and the strip's frames as digits.
 
-Cutting touching or overlapping digits apart (`pipelines.segmentation`) fails where no cut
-separates them: the pieces then hold no one digit each. The line reader (a small CNN with a
-CTC head, `pipelines.model.build_line_reader`) reads the whole mark at once instead, left to
-right, one output frame per LINE_STRIDE columns of the strip: for each frame, "no new digit"
-(BLANK) or a digit. Training (`pipelines.train`), evaluation and the service all turn a mark
-into a strip with `line_input` and its frames into digits with `read_line`, so they agree.
+Cutting touching or overlapping digits apart fails where no cut separates them: the pieces then
+hold no one digit each. The line reader (a small CNN with a CTC head, trained by
+`pipelines.train_lines`) reads the whole line at once instead, left to right, one output frame
+per LINE_STRIDE columns of the strip: for each frame, "nothing new here" (BLANK), a digit, or
+something that is not a digit. Training, evaluation and the service all turn ink into a strip
+with `line_input` and its frames into digits with `read_line`, so they agree;
+`pipelines.segmentation` decides when a drawing needs it and turns what it reads into marks.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ LINE_WIDTH = 256  # and columns: room for eight digits of LINE_INK_HEIGHT side b
 LINE_INK_HEIGHT = 22  # the mark's ink is scaled to this height, about an MNIST digit's 20 rows
 LINE_LEFT = 4  # blank columns kept before (and at least after) the ink
 LINE_STRIDE = 4  # strip columns per output frame
+LINE_BUCKET = 64  # strips are read cut to a multiple of this many columns past their ink
 LINE_FRAMES = LINE_WIDTH // LINE_STRIDE
 BLANK = 0  # the reader's output class for "nothing new here"; class d + 1 is the digit d,
 LINE_CLASSES = len(LABELS) + 2  # and the last, NOT_A_DIGIT + 1, a mark that is not a digit
@@ -37,23 +39,42 @@ class LineInput:
     ink_left: int  # the mark's column shown at the strip's column LINE_LEFT
     ink_width: int  # the mark's columns from ink_left to its last ink
 
-    def mark_column(self, strip_column: float) -> int:
+    def mark_column(self, strip_column: float) -> float:
         """The mark's column a strip column shows, clipped to the mark's ink."""
         column = self.ink_left + (strip_column - LINE_LEFT) / self.scale
-        return int(np.clip(round(column), self.ink_left, self.ink_left + self.ink_width))
+        return float(np.clip(column, self.ink_left, self.ink_left + self.ink_width))
+
+    @property
+    def width(self) -> int:
+        """The strip's columns that matter (`strip_widths`)."""
+        return int(strip_widths(self.pixels[np.newaxis])[0])
 
 
 @dataclass(frozen=True)
 class LineDigit:
-    """One digit the line reader read: which, how sure, and the mark's columns it owns."""
+    """One thing the line reader read: a digit or not a digit, how sure, and where."""
 
-    digit: int  # or NOT_A_DIGIT: a letter, a symbol, a scribble
-    probabilities: np.ndarray  # (10,) the digits' probabilities at the frame that reads it
-    columns: tuple[int, int]  # [start, stop) of the mark's columns, between its neighbours'
+    probabilities: np.ndarray  # (11,): the ten digits and NOT_A_DIGIT at its surest frame
+    centre: float  # the mark's column where the reader saw it (anywhere in its span)
+
+    @property
+    def digit(self) -> int:
+        """The digit, or NOT_A_DIGIT: a letter, a symbol, a scribble."""
+        return int(np.argmax(self.probabilities))
 
     @property
     def is_digit(self) -> bool:
         return self.digit != NOT_A_DIGIT
+
+
+def strip_widths(strips: np.ndarray) -> np.ndarray:
+    """The columns that matter of each (N, LINE_HEIGHT, LINE_WIDTH) strip: its ink and LINE_LEFT
+    blank columns after it, rounded up to a multiple of LINE_BUCKET. The reader reads
+    `strip[:, :width]` as it reads the whole, and costs less: most numbers are short."""
+    inked = (strips > 0).any(axis=1)
+    last = np.where(inked.any(axis=1), inked.shape[1] - 1 - inked[:, ::-1].argmax(axis=1), 0)
+    needed = last + 1 + LINE_LEFT
+    return np.minimum(-(-needed // LINE_BUCKET) * LINE_BUCKET, strips.shape[2])
 
 
 def line_input(mark: np.ndarray) -> LineInput:
@@ -76,41 +97,26 @@ def line_input(mark: np.ndarray) -> LineInput:
 
 
 def read_line(probabilities: np.ndarray, line: LineInput) -> list[LineDigit]:
-    """The digits in a strip's (LINE_FRAMES, LINE_CLASSES) output, left to right (greedy CTC:
-    the most probable class per frame; a run of one digit's frames is one digit, and a blank
-    between two runs of the same digit makes it twice).
-
-    Each digit's probabilities are those of its most confident frame, over the ten digits. Its
-    columns run from halfway to the digit before to halfway to the one after (the mark's
-    edges for the first and last): where the reader places the change from one to the next.
-    """
+    """What a strip's (frames, LINE_CLASSES) output reads, left to right (greedy CTC: the most
+    probable class per frame; a run of one class's frames is one digit, and a blank between
+    two runs of the same digit makes it twice). Each gets the probabilities of its surest frame
+    over everything but BLANK, and the mark's column at the middle of its run."""
     probabilities = np.asarray(probabilities, dtype=np.float64)
     best = probabilities.argmax(axis=-1)
-    runs: list[list[int]] = []
-    previous = BLANK
-    for frame, label in enumerate(best):
-        if label != BLANK:
-            if label == previous:
-                runs[-1].append(frame)
-            else:
-                runs.append([frame])
-        previous = label
-    centres = []
-    digits = []
-    for frames in runs:
-        label = int(best[frames[0]])
-        peak = max(frames, key=lambda frame: probabilities[frame, label])
-        row = probabilities[peak, BLANK + 1 : BLANK + 1 + len(LABELS)]
-        digits.append((label - 1, row / max(float(row.sum()), 1e-12)))
-        centres.append((np.mean(frames) + 0.5) * LINE_STRIDE)
-    edges = [float(LINE_LEFT)]
-    edges += [(left + right) / 2 for left, right in itertools.pairwise(centres)]
-    edges.append(LINE_LEFT + line.ink_width * line.scale)
-    return [
-        LineDigit(
-            digit,
-            row.astype(np.float32),
-            (line.mark_column(edges[index]), line.mark_column(edges[index + 1])),
-        )
-        for index, (digit, row) in enumerate(digits)
+    runs = [
+        (int(label), [frame for frame, _ in group])
+        for label, group in itertools.groupby(enumerate(best), key=lambda item: item[1])
+        if label != BLANK
     ]
+    digits = []
+    for label, frames in runs:
+        peak = max(frames, key=lambda frame: probabilities[frame, label])
+        row = probabilities[peak, BLANK + 1 :]
+        centre = line.mark_column((np.mean(frames) + 0.5) * LINE_STRIDE)
+        digits.append(LineDigit((row / max(float(row.sum()), 1e-12)).astype(np.float32), centre))
+    return digits
+
+
+def line_text(digits: list[LineDigit]) -> str:
+    """The digits as text, '?' for each that is not a digit."""
+    return "".join(str(d.digit) if d.is_digit else "?" for d in digits)

@@ -17,9 +17,13 @@ Run with `python -m pipelines.package` (the last stage of `dvc repro`). It
    on them beyond `package.user_tolerance`, both models judged on the same drawings. Each
    version is judged once (the verdict is its `gate` tag), so a rollback holds until a new
    model is trained;
-5. imports the champion into the local BentoML store as `digits-cnn:v<version>-<run>`, which
-   `bentoml serve` then loads as `digits-cnn:latest`: the Keras file plus its LiteRT conversion
-   (`model.tflite`, what the service runs), checked to give the same probabilities.
+5. imports the champion into the local BentoML store as
+   `digits-cnn:v<version>-<run>-<line reader>`, which `bentoml serve` then loads as
+   `digits-cnn:latest`: the Keras file plus its LiteRT conversion (`model.tflite`, what the
+   service runs), and the pipeline's line reader (`models/line_reader.keras`, the
+   `train_lines` stage's) as `line_reader.tflite`, each checked to give the same outputs.
+   The registry versions the CNN; DVC versions the line reader (its md5 names the entry), so a
+   rollback serves the earlier CNN with the current line reader.
 
 The stores it writes are this machine's, not files DVC can see, so dvc.yaml marks the stage
 `always_changed`: every `dvc repro` runs it, and when the stores already hold the champion it
@@ -53,8 +57,9 @@ from mlflow.tracking import MlflowClient
 
 from pipelines import tracking
 from pipelines.download import file_md5, load_prepared
+from pipelines.lines import line_input
 from pipelines.preprocessing import INPUT_SHAPE, PREPROCESSING_VERSION, as_batch
-from service.runtime import SERVING_MODEL_FILE, LiteRTModel
+from service.runtime import LINE_READER_FILE, SERVING_MODEL_FILE, LiteRTModel
 
 log = logging.getLogger("package")
 
@@ -191,8 +196,8 @@ def is_compatible(run: Run, data_hash: str) -> bool:
     )
 
 
-def bento_tag(version: ModelVersion) -> str:
-    return f"{BENTO_MODEL}:v{version.version}-{version.run_id[:8]}"
+def bento_tag(version: ModelVersion, line_reader: Path) -> str:
+    return f"{BENTO_MODEL}:v{version.version}-{version.run_id[:8]}-{file_md5(line_reader)[:8]}"
 
 
 def download_model_file(version: ModelVersion, folder: Path) -> Path:
@@ -204,38 +209,55 @@ def download_model_file(version: ModelVersion, folder: Path) -> Path:
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(folder)))
 
 
-def export_for_serving(keras_file: Path, litert_file: Path, probe_images: np.ndarray) -> float:
-    """Convert the Keras model to the LiteRT file the service runs; check both agree.
+def export_for_serving(keras_file: Path, litert_file: Path, probes: np.ndarray) -> float:
+    """Convert a Keras model to the LiteRT file the service runs; check both agree.
 
-    Returns the largest difference in probability over `probe_images` ((N, 28, 28) in [0, 1]);
-    raises PackageError when it exceeds MAX_SERVING_DIFFERENCE.
+    `probes` are inputs without their channel axis: (N, 28, 28) images for the CNN, strips
+    (N, LINE_HEIGHT, W) for the line reader, which is exported for any width. Returns the
+    largest difference in output; raises PackageError when it exceeds MAX_SERVING_DIFFERENCE.
     """
     import keras
 
     model = keras.saving.load_model(keras_file, compile=False)
-    signature = [keras.InputSpec(shape=(None, *INPUT_SHAPE), dtype="float32")]
+    shape = model.input_shape[1:]  # (28, 28, 1), or (LINE_HEIGHT, None, 1)
+    signature = [keras.InputSpec(shape=(None, *shape), dtype="float32")]
     with contextlib.redirect_stdout(io.StringIO()):  # Keras prints the path it saved to
         model.export(str(litert_file), format="litert", input_signature=signature)
-    expected = np.asarray(model(as_batch(probe_images), training=False))
-    served = LiteRTModel(str(litert_file), threads=1)(probe_images)
+    batch = np.asarray(probes, np.float32)[..., np.newaxis]
+    expected = np.asarray(model(batch, training=False))
+    served = LiteRTModel(str(litert_file), threads=1)(probes)
     difference = float(np.abs(served - expected).max())
     if not difference <= MAX_SERVING_DIFFERENCE:
         raise PackageError(
-            f"the LiteRT model differs from the Keras model by {difference:.2e} in probability"
+            f"the LiteRT conversion of {keras_file.name} differs from it by {difference:.2e}"
         )
     return difference
 
 
+def probe_strips(images: np.ndarray) -> list[np.ndarray]:
+    """Strips of 1 to 4 of `images` side by side, each (1, LINE_HEIGHT, its width)."""
+    strips = []
+    for count in range(1, 5):
+        line = line_input(np.hstack(list(images[:count])))
+        strips.append(line.pixels[np.newaxis, :, : line.width])
+    return strips
+
+
 def is_servable(model: bentoml.Model) -> bool:
-    return Path(model.path_of(SERVING_MODEL_FILE)).is_file()
+    files = (SERVING_MODEL_FILE, LINE_READER_FILE)
+    return all(Path(model.path_of(name)).is_file() for name in files)
 
 
-def import_to_bentoml(version: ModelVersion, run: Run, probe_images: np.ndarray) -> str:
-    """Put the registry version into the BentoML store as the latest `digits-cnn`; idempotent.
+def import_to_bentoml(
+    version: ModelVersion, run: Run, line_reader: Path, probe_images: np.ndarray
+) -> str:
+    """Put the registry version and the line reader into the BentoML store as the latest
+    `digits-cnn`; idempotent.
 
-    The entry holds the Keras file and its LiteRT conversion, which the service runs.
+    The entry holds the Keras file, its LiteRT conversion and the line reader's, which the
+    service runs.
     """
-    tag = bento_tag(version)
+    tag = bento_tag(version, line_reader)
     try:
         existing = bentoml.models.get(tag)
     except bentoml.exceptions.NotFound:
@@ -257,6 +279,7 @@ def import_to_bentoml(version: ModelVersion, run: Run, probe_images: np.ndarray)
         "git_commit": tags.get("git_commit"),
         "preprocessing_version": tags.get("preprocessing_version"),
         "trained_at": datetime.fromtimestamp(run.info.start_time / 1000, UTC).isoformat(),
+        "line_reader_md5": file_md5(line_reader),
     }
     metadata = {key: value for key, value in metadata.items() if value is not None}
     labels = {"registry_version": str(version.version), "stage": CHAMPION}
@@ -264,6 +287,9 @@ def import_to_bentoml(version: ModelVersion, run: Run, probe_images: np.ndarray)
         keras_file = download_model_file(version, Path(folder))
         litert_file = Path(folder) / SERVING_MODEL_FILE
         difference = export_for_serving(keras_file, litert_file, probe_images)
+        line_file = Path(folder) / LINE_READER_FILE
+        for strip in probe_strips(probe_images):
+            difference = max(difference, export_for_serving(line_reader, line_file, strip))
         if existing is not None:
             # Re-created so that it becomes `latest` again, or gains the LiteRT file that
             # entries packaged by older code lack; only once the new files are ready.
@@ -271,6 +297,7 @@ def import_to_bentoml(version: ModelVersion, run: Run, probe_images: np.ndarray)
         with bentoml.models.create(tag, labels=labels, metadata=metadata) as ref:
             shutil.copyfile(keras_file, ref.path_of(BENTO_MODEL_FILE))
             shutil.copyfile(litert_file, ref.path_of(SERVING_MODEL_FILE))
+            shutil.copyfile(line_file, ref.path_of(LINE_READER_FILE))
     log.info(
         "imported registry version %s into the BentoML store as %s (LiteRT within %.1e)",
         version.version,
@@ -356,6 +383,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=Path("models/model.keras"))
     parser.add_argument("--train-metrics", type=Path, default=Path("reports/train.json"))
     parser.add_argument("--metrics", type=Path, default=Path("reports/metrics.json"))
+    parser.add_argument("--line-reader", type=Path, default=Path("models/line_reader.keras"))
     parser.add_argument("--version", type=int, help="promote this registry version (rollback)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -377,7 +405,9 @@ def main() -> None:
         log.info(decision)
         champion = current_champion(client)
         probe_images = load_prepared(args.data)["x_val"][:PROBE_IMAGES] / 255.0
-        bentoml_tag = import_to_bentoml(champion, client.get_run(champion.run_id), probe_images)
+        bentoml_tag = import_to_bentoml(
+            champion, client.get_run(champion.run_id), args.line_reader, probe_images
+        )
     except PackageError as error:
         raise SystemExit(f"package: {error}") from None
     log.info("the champion is version %s, served as %s", champion.version, bentoml_tag)

@@ -2,22 +2,18 @@
 
 A drawing may also hold a whole number. `plan_reading` splits it into marks, left to right:
 strokes whose columns overlap belong to one mark (a 4 or a 5 drawn in two strokes, a crossed 7),
-and the model reads each mark whole. A mark that may hold touching digits (wider than a digit,
-or narrower and either read as several digits or doubted) is then cut where the least ink
-crosses (and, when wide or read as several digits, where equally wide digits would meet), by
-cuts that bend around strokes, and every piece between two cuts is classified in a second
-model call; the most probable split wins, or the whole mark. A number whose digits stand apart
-(the common case) needs one call. `plan_single` is the one-digit reading of /predict, which
-refuses several digits and non-digits. All are plans: the caller runs the model
-on `plan.inputs` (one batch) and hands the probabilities back, so the service can batch the
-model calls and evaluation can run Keras.
+and the CNN reads each mark whole. When every mark is one digit (or not a digit) the CNN is sure
+of, that is the reading: a number whose digits stand apart needs one model call, and a single
+digit reads exactly as /predict reads it. When some mark may hold touching digits (wider than a
+digit, or read as several digits, or doubted), the line reader (`pipelines.lines`) reads the
+whole drawing as one strip instead, and each digit it reads becomes a mark of the ink between
+the columns where the least ink crosses. `plan_single` is the one-digit reading of /predict,
+which refuses several digits and non-digits. All are plans: the caller runs the model on
+`plan.inputs` (one batch) and hands the probabilities back, so the service can batch the model
+calls and evaluation can run Keras.
 
 This is part of the contract between evaluation and serving (the service's /read and /predict
-and the evaluate stage import it), but not of training, which sees single marks only: the
-splitting can be changed without retraining. How well it splits still rests on the model, whose
-answer on a whole mark competes with every split of it (a model that reads two touching digits
-as one sure digit keeps them whole), and which tells several digits (split them) from a letter
-(refuse it).
+and the evaluate stage import it).
 """
 
 from __future__ import annotations
@@ -25,13 +21,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 from PIL import Image
 
+from pipelines.lines import LineDigit, LineInput, line_input, read_line
 from pipelines.preprocessing import (
     CLASSES,
     INK_THRESHOLD,
+    INPUT_SHAPE,
     LABELS,
     MIN_CONTRAST,
     MIN_INK_PIXELS,
@@ -52,57 +51,20 @@ from pipelines.preprocessing import (
 SAME_MARK_OVERLAP = 0.4  # strokes sharing this share of the narrower one's columns: one mark
 MARK_MARGIN = 16  # faint ink (soft edges) this near a mark's strokes (ink-map pixels) is its
 SPLIT_ASPECT = 1.1  # a mark at least this wide for its height may hold touching digits
-DOUBT_ASPECT = 0.6  # a narrower mark only when the model reads it as several digits, or doubts
-# it is one digit or not a digit (two 1s, a 17)
-SURE_DIGIT = 0.9  # ...which is when it is a digit less sure than this
-SURE_NOT_A_DIGIT = 0.9  # or not a digit, less sure than this (a letter stays whole)
-MAX_DIGIT_ASPECT = 1.3  # no piece of a split is wider than this for the mark's height
-MIN_PIECE_HEIGHT = 0.6  # nor lower than this share of the mark's height (the digits of a
-# number are about as tall as each other; the strokes of an M or a W are not digits)
-MIN_PIECE_ASPECT = 0.12  # nor narrower than this (a 1 is narrow, but not a sliver)
-MAX_CUTS = 6  # candidate cuts tried per mark where the least ink crosses
-EVEN_PARTS = 4  # and, in a wide mark or one read as several, where 2, 3 or 4 equal digits meet
-CUT_BAND = 0.4  # a cut may bend this far (share of the mark's height) from its column
+DOUBT_ASPECT = 0.6  # a narrower mark only when the CNN reads it as several digits, or doubts
+# that it is not a digit (two 1s, a 17)
+SURE_NOT_A_DIGIT = 0.9  # ...which is when it is not a digit less sure than this
+CUT_BAND = 0.4  # a cut between two digits may bend this far (share of the ink's height) from
+# its column
 CUT_DRIFT = 0.02  # cost per pixel it bends away, against a pixel of ink crossed: cuts stay
 # straight through blank paper and bend to pass between touching digits
 MAX_MARKS = 24  # a drawing with more marks is refused: no number is that long, and each costs
-MAX_INPUTS = 64  # model inputs per reading: a mark whose pieces would pass it, and the marks
-# after it, are read whole, not split
-SPLIT_PENALTY = 1.0  # log-probability each extra piece costs: a split must be clearly better
-SPLIT_MIN_CONFIDENCE = 0.8  # every piece of a chosen split must be a digit at least this sure
-# Measured on 500 numbers of MNIST validation digits (evaluate's number settings, another seed)
-# and 40 wide scribbles, with the model trained to refuse joined digits: one pass, straight cuts
-# of marks 1.1 times wider than tall read 0.690 of the numbers exactly; a second pass for the
-# doubted marks from 0.6 (straight cuts) 0.738; cuts bending 0.25 of the height 0.794, 0.4:
-# 0.808 (37 of 40 scribbles refused, 38 before). Pieces 0.6 sure, or a penalty of 0.5, moved
-# it by at most 3 numbers in 500; dropping a neighbour's bits from pieces, 1. With the model
-# trained on canvas and crowded digits: 0.830; pieces 0.6 sure 0.842 but 8.5% of the validation
-# alphabets' drawings read as numbers (0.8: 5.0%, 0.9: 3.5% and 0.810). Bent cuts made an M
-# three sure 1s, its strokes: pieces at least 0.6 of the mark's height keep it whole (0.820;
-# 0.75: 0.778). But the fast preset's model still read the page's M, a mark as wide as a digit
-# and surely not one, as "14": such a mark now stays whole unless the model doubts it (0.742
-# of the numbers; 4.5% of the validation alphabets read as numbers; doubting below 0.9: 0.724).
-# The twelfth class, several digits, then gave those marks of joined digits a name: 0.762 of
-# the numbers (0.744 with eleven classes), and /read left 11.5% of the validation alphabets
-# drawn on the pad unrefused, as a digit or a number (10.0%). But its served model was 98.4%
-# sure the page's M is not a digit, and read it as "14" at 0.99: at 0.9 the M stays whole
-# (0.758 of the numbers, 11.2% of the validation alphabets unrefused; 0.95: 0.760).
-# Where digits overlap, no dip in the ink shows where they meet, and 99 of the marks of several
-# digits had no chain of pieces that held one digit each. Cutting the marks read as several
-# digits into equal parts as well: 0.788 of the numbers (halves and thirds: 0.778; into equal
-# parts also the marks the model doubts: the same), 12.7% of the validation alphabets
-# unrefused; pieces only 0.5 sure in marks read as several digits instead: 0.778 and 14.9%.
-# A mark wider than a digit that the model read as one sure digit (a "14" read as 4) never lost
-# to its split, which paid SPLIT_PENALTY: read whole, it pays it too, 0.802 (2 x SPLIT_PENALTY:
-# 0.798; also from 0.9 as wide as tall: 0.802), the validation alphabets unchanged.
-# With the network of 16, 64 and 128 filters (12 epochs): 0.794, and the pad's "2026" written
-# with each digit overlapping the next was one mark read as no digit, never cut where the digits
-# meet: cutting every wide mark into equal parts too, 0.804 (only those twice as wide as tall:
-# 0.794), and /read refused 94.6% of the validation alphabets drawn on the pad (95.3%).
-# With the "not a digit" threshold fitted also on validation digits drawn on the pad (more
-# lenient): 0.830 of the numbers, 91.8% of the alphabets refused. Splitting a mark the model is
-# 90% sure holds several digits, when no split into 80% sure digits exists, into digits only
-# 50% sure: 0.846, but 90.4% refused, and such a mark is refused with "leave a gap": not taken.
+# a model input
+# Why a line reader: cutting the marks of touching digits where the least ink crosses, and
+# classifying every piece between two cuts with the CNN, read 83.0% of 500 numbers of MNIST
+# validation digits exactly (evaluate's number settings, another seed), and with a perfect
+# classifier its cuts read only 58% of overlapping pairs. The line reader, trained on such
+# lines (pipelines.train_lines), reads them whole: see the README's figures.
 SEVERAL_DIGITS_CONFIDENCE = 0.8  # /predict refuses when two marks are digits at least this sure
 NUMBER_DIGIT_HEIGHT = 0.6  # and at least this share of the tallest mark's height: the digits of
 # a number are about as tall as each other, and a short stroke beside a digit (a 7 or a 9 whose
@@ -188,6 +150,11 @@ def _reads_several(probabilities: np.ndarray) -> bool:
     return int(np.argmax(probabilities)) == SEVERAL_DIGITS
 
 
+def _is_not_a_digit(probabilities: np.ndarray) -> bool:
+    """No single digit: not a digit, or several."""
+    return bool(refused(probabilities))
+
+
 def digit_probabilities(probabilities: np.ndarray) -> np.ndarray:
     """The digits' share of the model's outputs, renormalised: what /predict reports."""
     digits = np.asarray(probabilities, dtype=np.float64)[..., : len(LABELS)]
@@ -196,7 +163,7 @@ def digit_probabilities(probabilities: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class _Candidate:
-    """One mark as read whole, and what splitting it needs: its ink alone, cut to its box."""
+    """One mark: its box and its ink alone, cut to that box."""
 
     box: Box  # in ink-map pixels
     piece: np.ndarray
@@ -207,8 +174,11 @@ class _Candidate:
         return self.box.width >= SPLIT_ASPECT * self.box.height
 
     def may_hold_several(self, whole: np.ndarray) -> bool:
-        """Wide for one digit, or narrower and the model (its answer `whole`) reads it as
-        several digits or doubts what it is."""
+        """Wide for one digit, or narrower and the CNN (its answer `whole`) reads it as several
+        digits or doubts that it is not a digit. A mark the CNN reads as a digit, however
+        unsure, stays its reading: sending those (below 0.9) to the line reader as well read
+        as many of 1,000 validation digits drawn on the pad right (98.7%) and one fewer of 500
+        validation numbers."""
         if self.wide:
             return True
         if self.box.width < DOUBT_ASPECT * self.box.height:
@@ -217,28 +187,17 @@ class _Candidate:
             return True
         if int(np.argmax(whole)) == NOT_A_DIGIT:
             return float(whole[NOT_A_DIGIT]) < SURE_NOT_A_DIGIT
-        return float(digit_probabilities(whole).max()) < SURE_DIGIT
-
-
-@dataclass(frozen=True)
-class _Span:
-    """Candidate pieces of one mark: the inputs of every interval between its cuts but the
-    whole mark (read in the first pass)."""
-
-    intervals: list[tuple[int, int]]  # index pairs into the mark's cuts
-    cuts: int  # how many cuts, the mark's two edges included
-    boxes: list[Box]
-    first_input: int  # index of the first interval's input in the split plan's inputs
-    wide: bool  # wider than one digit (SPLIT_ASPECT): read whole, it pays for a piece too
+        return False
 
 
 @dataclass(frozen=True)
 class ReadingPlan:
-    """The first pass of /read: each mark whole. `splits` turns the model's answers into the
-    second pass, which tries to split the marks that may hold touching digits."""
+    """The first pass of /read: each mark whole, by the CNN. `needs_line` says whether its
+    answers stand (`marks`), or the line reader must read the drawing (`line_plan`)."""
 
     inputs: np.ndarray  # (marks, 28, 28)
     candidates: list[_Candidate]
+    ink: np.ndarray  # the drawing's ink map, normalised
     scale: int  # ink-map pixels to the sent image's pixels
     image_size: tuple[int, int]
 
@@ -247,172 +206,98 @@ class ReadingPlan:
         """Each input's box, in the sent image's pixels."""
         return [c.box.scaled(self.scale, self.image_size) for c in self.candidates]
 
-    def splits(self, probabilities: np.ndarray) -> SplitPlan:
-        """The pieces to classify of every mark that may hold several digits (none when each
-        mark is a digit the model is sure of), within MAX_INPUTS inputs in all."""
-        inputs: list[np.ndarray] = []
-        spans: dict[int, _Span] = {}
-        budget = MAX_INPUTS - len(self.inputs)
+    def needs_line(self, probabilities: np.ndarray) -> bool:
+        """Some mark may hold touching digits, by its shape or the CNN's answer on it."""
         answers = zip(self.candidates, probabilities, strict=True)
-        for number, (candidate, whole) in enumerate(answers):
-            if len(inputs) >= budget or not candidate.may_hold_several(whole):
-                continue
-            even = candidate.wide or _reads_several(whole)
-            split = _split_candidates(candidate, even, budget - len(inputs))
-            if split is None:  # more pieces than the budget has left: this and the rest stay whole
-                break
-            cuts, intervals, boxes, pieces = split
-            if intervals:
-                spans[number] = _Span(intervals, cuts, boxes, len(inputs), candidate.wide)
-                inputs += pieces
-        stacked = np.stack(inputs) if inputs else np.empty((0, *self.inputs.shape[1:]), np.float32)
-        return SplitPlan(stacked, self, np.asarray(probabilities, dtype=np.float32), spans)
+        return any(candidate.may_hold_several(whole) for candidate, whole in answers)
+
+    def marks(self, probabilities: np.ndarray) -> list[Mark]:
+        """Each mark as the CNN read it whole."""
+        return [
+            Mark(box, pixels, np.asarray(row, np.float32))
+            for box, pixels, row in zip(self.boxes, self.inputs, probabilities, strict=True)
+        ]
+
+    def line_plan(self, probabilities: np.ndarray) -> LinePlan:
+        """The second pass: the whole drawing as the line reader's strip (`probabilities`: the
+        CNN's answers on the marks)."""
+        line = line_input(self.ink)
+        answers = np.asarray(probabilities, np.float32)
+        return LinePlan(line.pixels[np.newaxis, :, : line.width], line, self, answers)
 
 
 @dataclass(frozen=True)
-class SplitPlan:
-    """The second pass of /read: candidate pieces of the marks that may hold several digits.
+class LinePlan:
+    """The second pass of /read: the line reader reads the whole drawing, left to right.
 
-    The chosen split of a mark is the one whose pieces the model finds most probable as digits,
-    each extra piece costing SPLIT_PENALTY; every piece must be a digit at least
-    SPLIT_MIN_CONFIDENCE sure (a scribble is not three 1s), and the whole mark competes.
+    Each thing it reads (a digit, or not a digit) becomes a mark: the ink between the cuts to
+    its neighbours, each cut made where the least ink crosses between the two centres and bent
+    around strokes (`_cut_paths`); its box that ink's, its input that ink as the CNN would see
+    it (what the page shows), its probabilities the line reader's. Ink it reads as nothing is
+    one mark that is not a digit.
     """
 
-    inputs: np.ndarray  # (M, 28, 28), possibly none
+    input: np.ndarray  # (1, LINE_HEIGHT, width) the strip, cut to the columns that matter
+    line: LineInput
     first: ReadingPlan
-    whole: np.ndarray  # the first pass's answers, one row per mark
-    spans: dict[int, _Span]  # mark number -> its pieces
-
-    @property
-    def boxes(self) -> list[Box]:
-        """Each input's box, in the sent image's pixels."""
-        first = self.first
-        return [
-            box.scaled(first.scale, first.image_size)
-            for span in self.spans.values()
-            for box in span.boxes
-        ]
+    answers: np.ndarray  # the CNN's on each mark whole
 
     def marks(self, probabilities: np.ndarray) -> list[Mark]:
-        first = self.first
+        ink, first = self.first.ink, self.first
+        read = read_line(probabilities[0], self.line)
+        if self._one_per_mark(read):  # the CNN reads one mark better than the line reader
+            return first.marks(self.answers)
+        if not read:
+            whole = _union([c.box for c in first.candidates])
+            nothing = np.eye(CLASSES, dtype=np.float32)[NOT_A_DIGIT]
+            return [Mark(whole.scaled(first.scale, first.image_size), first.inputs[0], nothing)]
+        profile = _column_ink(ink)
+        columns = [_least_ink_column(profile, a.centre, b.centre) for a, b in pairwise(read)]
+        paths = _cut_paths(ink, columns) if columns else np.empty((0, ink.shape[0]), np.int64)
+        edges = [np.zeros(ink.shape[0], np.int64), *paths, np.full(ink.shape[0], ink.shape[1])]
+        across = np.arange(ink.shape[1])
         marks = []
-        for number, candidate in enumerate(first.candidates):
-            whole = Mark(
-                candidate.box.scaled(first.scale, first.image_size),
-                first.inputs[number],
-                self.whole[number],
-            )
-            span = self.spans.get(number)
-            if span is None:
-                marks.append(whole)
-                continue
-            rows = probabilities[span.first_input : span.first_input + len(span.intervals)]
-            chosen = _best_split(span, rows, whole.probabilities)
-            if chosen is None:
-                marks.append(whole)
-                continue
-            marks += [
-                Mark(
-                    span.boxes[offset].scaled(first.scale, first.image_size),
-                    self.inputs[span.first_input + offset],
-                    np.asarray(rows[offset], dtype=np.float32),
-                )
-                for offset in chosen
-            ]
+        for digit, left, right in zip(read, edges, edges[1:], strict=False):
+            inside = (across >= left[:, np.newaxis]) & (across < right[:, np.newaxis])
+            box, pixels = _ink_piece(np.where(inside, ink, 0.0), int(left.min()), int(right.max()))
+            row = np.append(digit.probabilities, np.float32(0.0))  # never SEVERAL_DIGITS
+            marks.append(Mark(box.scaled(first.scale, first.image_size), pixels, row))
         return marks
 
-
-def _is_not_a_digit(probabilities: np.ndarray) -> bool:
-    """No single digit: not a digit, or several."""
-    return bool(refused(probabilities))
-
-
-def _best_split(span: _Span, probabilities: np.ndarray, whole: np.ndarray) -> list[int] | None:
-    """The chosen pieces of a mark, as offsets into its intervals, or None to keep it whole.
-
-    The whole mark competes with every chain of intervals from its first cut to its last whose
-    pieces are all digits at least SPLIT_MIN_CONFIDENCE sure (Viterbi over the cuts). A chain
-    scores the sum of its pieces' log digit probabilities, minus SPLIT_PENALTY per extra piece;
-    the whole mark its log digit probability, minus SPLIT_PENALTY if it is wider than one digit
-    (as likely two digits as one: the model, reading it whole, can be sure of one digit of it).
-    A mark that is not a digit as a whole is split only into sure digits; otherwise it stays
-    whole (and is refused as not a digit).
-    """
-    last = span.cuts - 1
-    offsets = {interval: offset for offset, interval in enumerate(span.intervals)}
-    best: dict[int, tuple[float, list[int]]] = {0: (0.0, [])}
-    for end in range(1, last + 1):
-        for start in range(end):
-            offset = offsets.get((start, end))
-            if start not in best or offset is None:
-                continue
-            row = probabilities[offset]
-            sure = float(row[: len(LABELS)].max())
-            if _is_not_a_digit(row) or sure < SPLIT_MIN_CONFIDENCE:
-                continue
-            score = best[start][0] + math.log(sure) - (SPLIT_PENALTY if start > 0 else 0.0)
-            if end not in best or score > best[end][0]:
-                best[end] = (score, [*best[start][1], offset])
-    if last not in best:
-        return None
-    if _is_not_a_digit(whole):
-        return best[last][1]
-    whole_score = math.log(max(float(whole[: len(LABELS)].max()), 1e-12))
-    whole_score -= SPLIT_PENALTY if span.wide else 0.0
-    return best[last][1] if best[last][0] > whole_score else None
+    def _one_per_mark(self, read: list[LineDigit]) -> bool:
+        """The line reader read one thing in each mark, no more."""
+        boxes = [c.box for c in self.first.candidates]
+        return len(read) == len(boxes) and all(
+            box.x <= thing.centre <= box.x + box.width
+            for thing, box in zip(read, boxes, strict=True)
+        )
 
 
-def _split_candidates(
-    candidate: _Candidate, even: bool, most: int
-) -> tuple[int, list[tuple[int, int]], list[Box], list[np.ndarray]] | None:
-    """Every piece of a mark between two of its cuts (but the whole): (how many cuts, its edges
-    included; cut pairs; boxes in ink-map pixels; model inputs), or None past `most` pieces.
-    Cuts bend around ink (`_cut_paths`), so a piece can hold the whole of a digit whose
-    neighbour leans over it. With `even` (a mark wider than a digit, or read as several digits),
-    it is also cut where equally wide digits would meet."""
-    piece, box = candidate.piece, candidate.box
-    columns = _cut_columns(piece)
-    if even:
-        columns = sorted(columns + _even_columns(piece.shape, columns))
-    if not columns:
-        return 0, [], [], []
-    height, width = piece.shape
-    paths = np.concatenate(
-        [np.zeros((1, height), np.int64), _cut_paths(piece, columns), np.full((1, height), width)]
-    )
-    across = np.arange(width)
-    intervals, boxes, inputs = [], [], []
-    for start in range(len(paths) - 1):
-        for end in range(start + 1, len(paths)):
-            if (start, end) == (0, len(paths) - 1):
-                continue
-            span = float(np.median(paths[end] - paths[start]))
-            if not MIN_PIECE_ASPECT <= span / box.height <= MAX_DIGIT_ASPECT:
-                continue
-            inside = (across >= paths[start][:, None]) & (across < paths[end][:, None])
-            part = np.where(inside, piece, 0.0)
-            solid = part >= INK_THRESHOLD
-            rows = np.flatnonzero(solid.any(axis=1))
-            if len(rows) < MIN_PIECE_HEIGHT * height:  # a part of a letter, not a digit
-                continue
-            try:
-                pixels = ink_to_input(part)
-            except NoDigitError:  # a sliver of another piece: no reading of it
-                continue
-            if len(inputs) == most:
-                return None
-            cols = np.flatnonzero(solid.any(axis=0))
-            intervals.append((start, end))
-            boxes.append(
-                Box(
-                    box.x + int(cols[0]),
-                    box.y + int(rows[0]),
-                    int(cols[-1] - cols[0] + 1),
-                    int(rows[-1] - rows[0] + 1),
-                )
-            )
-            inputs.append(pixels)
-    return len(paths), intervals, boxes, inputs
+def _column_ink(ink: np.ndarray) -> np.ndarray:
+    """The ink crossing each column, smoothed over three columns."""
+    columns = np.pad(ink.sum(axis=0), 1, mode="edge")
+    return (columns[:-2] + columns[1:-1] + columns[2:]) / 3
+
+
+def _least_ink_column(profile: np.ndarray, left: float, right: float) -> int:
+    """The column between two digits' centres where the least ink crosses (of equals, the one
+    nearest halfway): where the two digits meet."""
+    columns = np.arange(math.ceil(left), math.floor(right) + 1)
+    if len(columns) == 0:
+        return round((left + right) / 2)
+    halfway = (left + right) / 2
+    return int(min(columns, key=lambda c: (profile[c], abs(c - halfway))))
+
+
+def _ink_piece(part: np.ndarray, left: int, right: int) -> tuple[Box, np.ndarray]:
+    """A digit's ink (the drawing's ink but between its cuts): its box (the columns between the
+    cuts, at full height, when it holds no ink) and its 28x28 input (blank then)."""
+    solid = part >= INK_THRESHOLD
+    if solid.sum() < MIN_INK_PIXELS:
+        empty = np.zeros(INPUT_SHAPE[:2], np.float32)
+        return Box(left, 0, max(1, right - left), part.shape[0]), empty
+    box = _stroke_box(solid)
+    return box, ink_to_input(part[box.y : box.y + box.height, box.x : box.x + box.width])
 
 
 @dataclass(frozen=True)
@@ -456,9 +341,9 @@ def plan_reading(
     groups, strokes = _mark_masks(ink)
     candidates = [_Candidate(box, _piece(ink, mask, box)) for mask, box in groups]
     if len(groups) == 1:  # the whole drawing, exactly as /predict sees it
-        return ReadingPlan(ink_to_input(ink, strokes)[np.newaxis], candidates, scale, size)
+        return ReadingPlan(ink_to_input(ink, strokes)[np.newaxis], candidates, ink, scale, size)
     inputs = np.stack([ink_to_input(candidate.piece) for candidate in candidates])
-    return ReadingPlan(inputs, candidates, scale, size)
+    return ReadingPlan(inputs, candidates, ink, scale, size)
 
 
 def plan_single(
@@ -488,16 +373,19 @@ def mark_inputs(ink: np.ndarray) -> list[np.ndarray]:
     return [ink_to_input(_piece(ink, mask, box)) for mask, box in groups]
 
 
-Classifier = Callable[[np.ndarray], np.ndarray]
-NO_ANSWERS = np.empty((0, CLASSES), np.float32)  # a split plan's answers when it has no inputs
+Classifier = Callable[[np.ndarray], np.ndarray]  # the CNN: (N, 28, 28) -> (N, CLASSES)
+LineReader = Callable[[np.ndarray], np.ndarray]  # (1, LINE_HEIGHT, W) -> (1, W / 4, classes)
 
 
-def read_marks(image: Image.Image, classify: Classifier) -> list[Mark]:
-    """Every mark of a drawing, left to right, read by `classify` ((N,28,28) -> (N,CLASSES)):
-    once for the marks, and once more for the pieces of those that may hold several digits."""
+def read_marks(image: Image.Image, classify: Classifier, read_lines: LineReader) -> list[Mark]:
+    """Every mark of a drawing, left to right: each read whole by `classify`, or, when some
+    may hold touching digits, the whole drawing read by `read_lines`."""
     plan = plan_reading(ink_map(image), working_scale(image), image.size)
-    split = plan.splits(classify(plan.inputs))
-    return split.marks(classify(split.inputs) if len(split.inputs) else NO_ANSWERS)
+    answers = classify(plan.inputs)
+    if not plan.needs_line(answers):
+        return plan.marks(answers)
+    line = plan.line_plan(answers)
+    return line.marks(read_lines(line.input))
 
 
 def read_single(image: Image.Image, classify: Classifier) -> Mark:
@@ -607,47 +495,6 @@ def _union(boxes: list[Box]) -> Box:
     right = max(b.x + b.width for b in boxes)
     bottom = max(b.y + b.height for b in boxes)
     return Box(left, top, right - left, bottom - top)
-
-
-def _cut_columns(piece: np.ndarray) -> list[int]:
-    """Up to MAX_CUTS columns where the least ink crosses the mark: where touching digits join."""
-    height, width = piece.shape
-    columns = np.pad(piece.sum(axis=0), 1, mode="symmetric")
-    profile = (columns[:-2] + columns[1:-1] + columns[2:]) / 3  # a 3-column moving average
-    margin = _min_piece_width(height)
-    inner = np.arange(margin, width - margin)
-    if len(inner) == 0:
-        return []
-    minima = [c for c in inner if profile[c] <= profile[c - 1] and profile[c] <= profile[c + 1]]
-    chosen: list[int] = []
-    for column in sorted(minima, key=lambda c: profile[c]):
-        if all(abs(column - other) >= margin for other in chosen):
-            chosen.append(int(column))
-        if len(chosen) == MAX_CUTS:
-            break
-    return sorted(chosen)
-
-
-def _min_piece_width(height: int) -> int:
-    """The narrowest piece of a mark `height` pixels high (MIN_PIECE_ASPECT), in pixels."""
-    return max(1, round(MIN_PIECE_ASPECT * height))
-
-
-def _even_columns(shape: tuple[int, int], taken: list[int]) -> list[int]:
-    """Columns that cut a mark into 2 to EVEN_PARTS equally wide parts, but those within the
-    minimum piece width of a column `taken` or of each other: where the digits of a mark of
-    several meet when they overlap, which no dip in the ink shows."""
-    height, width = shape
-    margin = _min_piece_width(height)
-    chosen = list(taken)
-    for parts in range(2, EVEN_PARTS + 1):
-        for part in range(1, parts):
-            column = round(width * part / parts)
-            if margin <= column < width - margin and all(
-                abs(column - other) >= margin for other in chosen
-            ):
-                chosen.append(column)
-    return chosen[len(taken) :]
 
 
 def _cut_paths(piece: np.ndarray, columns: list[int]) -> np.ndarray:

@@ -63,7 +63,13 @@ from pipelines.drawing import (
     render_number,
     render_on_canvas,
 )
-from pipelines.model import build_ensemble, build_model, divide_logits, raise_logit
+from pipelines.model import (
+    build_ensemble,
+    build_model,
+    divide_logits,
+    raise_logit,
+    resolve_precision,
+)
 from pipelines.preprocessing import (
     CLASSES,
     INPUT_SHAPE,
@@ -126,24 +132,6 @@ class TrainSettings:
         values["redrawn_stroke_width"] = tuple(values["redrawn_stroke_width"])
         values["precision"] = resolve_precision(values["precision"])
         return cls(**values)
-
-
-def has_native_bfloat16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
-    """Whether this CPU does bfloat16 maths in hardware (AVX512-BF16 or AMX-BF16)."""
-    try:
-        flags = set(cpuinfo.read_text().split())
-    except OSError:
-        return False
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
-
-
-def resolve_precision(precision: str, cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
-    """`auto` is mixed bfloat16 where the CPU has it natively and float32 elsewhere: on a CPU
-    with only AVX2, TensorFlow emulates bfloat16 and trained 8x slower (37 images/s against
-    295, one thread)."""
-    if precision != "auto":
-        return precision
-    return "mixed_bfloat16" if has_native_bfloat16(cpuinfo) else "float32"
 
 
 def random_thickness(images: tf.Tensor, strength: float, seed: tf.Tensor) -> tf.Tensor:

@@ -1,12 +1,15 @@
-"""The `train_lines` stage (WIP): fit the line reader that reads touching digits as one strip.
+"""The `train_lines` stage: fit the line reader, which reads a whole line of digits at once.
 
 Run with `python -m pipelines.train_lines`. Settings come from the `train_lines:` section of
 params.yaml. Training lines are numbers of 1 to `max_digits` MNIST training digits drawn as the
 pad shows them (`pipelines.drawing.render_number`), their neighbours touching, overlapping or
-apart in shares drawn per number, each read as one strip (`pipelines.lines.line_input`). The
-network (`pipelines.model.build_line_reader`) learns with a CTC loss, which needs no position
-for each digit, only the digits in order. Validation lines of validation digits give the share
-read exactly; the test set is never touched here.
+apart in shares drawn per number, each read as one strip (`pipelines.lines.line_input`); a share
+of them holds one training non-digit (a letter, a symbol) in place of a digit. The network
+(`build_line_reader`) learns with a CTC loss, which needs no position for each digit, only the
+digits in order. Batches hold strips of about one width, cut to it (`BucketedLines`): most
+numbers are short, and a short strip costs a fraction of a long one. Validation lines of
+validation digits and non-digits give the share read exactly; the test set is never touched
+here (the evaluate stage measures /read on it).
 """
 
 from __future__ import annotations
@@ -22,15 +25,24 @@ from pathlib import Path
 
 import keras
 import numpy as np
-from keras import ops
+from keras import layers, ops
 
 from pipelines import tracking
 from pipelines.download import load_prepared
 from pipelines.drawing import render_number
-from pipelines.lines import BLANK, line_input, read_line
-from pipelines.model import build_line_reader
+from pipelines.lines import (
+    BLANK,
+    LINE_CLASSES,
+    LINE_HEIGHT,
+    LINE_STRIDE,
+    LineInput,
+    line_input,
+    line_text,
+    read_line,
+    strip_widths,
+)
+from pipelines.model import conv_bn, resolve_precision
 from pipelines.preprocessing import NOT_A_DIGIT, ink_map
-from pipelines.train import resolve_precision
 
 log = logging.getLogger("train_lines")
 
@@ -141,15 +153,10 @@ def ctc_loss(targets, probabilities):
 
 
 def texts_read(model: keras.Model, strips: np.ndarray, batch_size: int = 500) -> list[str]:
-    """What the reader reads in each strip."""
-    from pipelines.lines import LineInput
-
+    """What the reader reads in each strip ('?' for what is not a digit)."""
     outputs = np.asarray(model.predict(strips[..., None], batch_size=batch_size, verbose=0))
-    line = LineInput(strips[0], 1.0, 0, strips.shape[2])  # columns unused here
-    return [
-        "".join(str(d.digit) if d.is_digit else "?" for d in read_line(row, line))
-        for row in outputs
-    ]
+    line = LineInput(strips[0], 1.0, 0, strips.shape[2])  # where things are: unused here
+    return [line_text(read_line(row, line)) for row in outputs]
 
 
 def exact_share(model: keras.Model, strips: np.ndarray, targets: np.ndarray) -> float:
@@ -159,10 +166,75 @@ def exact_share(model: keras.Model, strips: np.ndarray, targets: np.ndarray) -> 
     return float(np.mean([a == b for a, b in zip(texts_read(model, strips), truths, strict=True)]))
 
 
+def build_line_reader(
+    filters: tuple[int, int, int, int] = (16, 32, 64, 64),
+    dropout: float = 0.25,
+    fused: bool = False,
+    precision: str = "float32",
+) -> keras.Model:
+    """Map (N, LINE_HEIGHT, W, 1) strips (`pipelines.lines.line_input`, W a multiple of
+    LINE_STRIDE up to LINE_WIDTH) to (N, W / LINE_STRIDE, LINE_CLASSES) float32 probabilities:
+    per frame of LINE_STRIDE columns, no new digit (BLANK), one of the ten digits, or not a
+    digit; trained with a CTC loss.
+
+    Four convolution blocks halve the height each time and the width twice (to LINE_STRIDE
+    columns a frame); two 1-D convolutions along the frames then see about two digits either
+    side, enough to tell where one digit ends and the next begins.
+    """
+    if len(filters) != 4 or min(filters) < 1:
+        raise ValueError(f"filters must be four positive widths, got {filters}")
+    inputs = keras.Input(shape=(LINE_HEIGHT, None, 1), name="strip")  # any multiple of 4 wide
+    variant = {"fused": fused, "precision": precision}
+    x = inputs
+    for index, width in enumerate(filters):
+        x = conv_bn(x, width, 3, padding="same", **variant)
+        across = 2 if 2**index < LINE_STRIDE else 1
+        x = layers.MaxPooling2D((2, across), dtype=precision)(x)
+    rows = LINE_HEIGHT // 2 ** len(filters)
+    x = layers.Permute((2, 1, 3), dtype=precision)(x)  # frames first
+    x = layers.Reshape((-1, rows * filters[-1]), dtype=precision)(x)
+    x = layers.Dropout(dropout, dtype=precision)(x)
+    for _ in range(2):
+        x = layers.Conv1D(128, 5, padding="same", activation="relu", dtype=precision)(x)
+    x = layers.Dropout(dropout, dtype=precision)(x)
+    outputs = layers.Dense(LINE_CLASSES, activation="softmax", name="frames", dtype="float32")(x)
+    return keras.Model(inputs, outputs, name="digits_line_reader")
+
+
+class BucketedLines(keras.utils.PyDataset):
+    """Batches of strips of about the same width, cut to that width: short numbers (most of
+    them) cost a fraction of the full strip. The batches' order is shuffled every epoch."""
+
+    def __init__(self, strips: np.ndarray, targets: np.ndarray, batch_size: int, seed: int):
+        super().__init__()
+        self.strips, self.targets = strips, targets
+        self.widths = strip_widths(strips)
+        self.batch_size = batch_size
+        self.rng = np.random.default_rng(seed)
+        self.batches: list[np.ndarray] = []
+        self.on_epoch_end()
+
+    def on_epoch_end(self) -> None:
+        batches = []
+        for width in np.unique(self.widths):
+            members = self.rng.permutation(np.flatnonzero(self.widths == width))
+            batches += np.array_split(members, max(1, round(len(members) / self.batch_size)))
+        self.batches = [batches[i] for i in self.rng.permutation(len(batches))]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        members = np.sort(self.batches[index])
+        width = int(self.widths[members].max())
+        return self.strips[members, :, :width, None], self.targets[members]
+
+
 def fit_line_reader(strips: np.ndarray, targets: np.ndarray, settings: LineSettings) -> keras.Model:
     keras.utils.set_random_seed(settings.seed)
     model = build_line_reader(precision=resolve_precision(settings.precision))
-    steps = settings.epochs * (len(strips) // settings.batch_size)
+    batches = BucketedLines(strips, targets, settings.batch_size, settings.seed)
+    steps = settings.epochs * len(batches)
     schedule = keras.optimizers.schedules.CosineDecay(
         settings.learning_rate / 25,
         steps,
@@ -170,13 +242,7 @@ def fit_line_reader(strips: np.ndarray, targets: np.ndarray, settings: LineSetti
         warmup_steps=max(1, steps // 12),
     )
     model.compile(keras.optimizers.AdamW(schedule, weight_decay=1e-4), loss=ctc_loss)
-    model.fit(
-        strips[..., None],
-        targets,
-        batch_size=settings.batch_size,
-        epochs=settings.epochs,
-        verbose=2,
-    )
+    model.fit(batches, epochs=settings.epochs, verbose=2)
     return model
 
 

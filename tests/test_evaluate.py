@@ -22,15 +22,16 @@ from pipelines.evaluate import (
     misclassified_grid,
     number_scores,
     numbers_grid,
-    oracle_probabilities,
     pen_robustness,
     per_class_scores,
+    read_plans,
     reading_plan,
     refused,
     segmentation_scores,
 )
-from pipelines.preprocessing import CLASSES, NOT_A_DIGIT, SEVERAL_DIGITS
-from pipelines.segmentation import Box, Classifier, read_marks
+from pipelines.lines import BLANK, LINE_CLASSES, LINE_HEIGHT, LINE_LEFT, LINE_STRIDE
+from pipelines.preprocessing import CLASSES, NOT_A_DIGIT
+from pipelines.segmentation import Classifier, LineReader, read_marks, working_scale
 from tests.helpers import letter_settings
 
 CANVAS = (840, 280)
@@ -68,21 +69,60 @@ def fixed_classifier(seed: int = 0) -> Classifier:
     return classify
 
 
+def fixed_line_reader(seed: int = 0) -> LineReader:
+    """A line reader that answers each frame by its strip's columns alone (a fixed random linear
+    map of each LINE_STRIDE columns, and softmax): a stand-in honest about batching."""
+    weights = np.random.default_rng(seed).normal(size=(LINE_HEIGHT * LINE_STRIDE, LINE_CLASSES))
+
+    def read_lines(strips: np.ndarray) -> np.ndarray:
+        count, height, width = strips.shape
+        columns = strips.reshape(count, height, width // LINE_STRIDE, LINE_STRIDE)
+        logits = columns.transpose(0, 2, 1, 3).reshape(count, width // LINE_STRIDE, -1) @ weights
+        logits[..., BLANK] += 2.0  # mostly blank, as a trained reader is
+        exponentials = np.exp(logits - logits.max(axis=2, keepdims=True))
+        return (exponentials / exponentials.sum(axis=2, keepdims=True)).astype(np.float32)
+
+    return read_lines
+
+
 def oracle_classifier(number: RenderedNumber) -> Classifier:
-    """A perfect classifier for one drawn number: it answers each crop read_marks asks about, in
-    its two passes, with the label of the rendered digit whose ink the crop holds (matching the
-    crop's box to the rendered digits), or "not a digit" for part of a digit or several."""
+    """A perfect CNN for one drawn number whose digits stand apart: it answers each mark with
+    the label of the rendered digit the mark's box holds, certain."""
     plan = reading_plan(number.image)
-    first = oracle_probabilities(number, plan.boxes)
-    split = plan.splits(first)
-    passes = iter([(plan.inputs, first), (split.inputs, oracle_probabilities(number, split.boxes))])
+    answers = np.zeros((len(plan.inputs), CLASSES), np.float32)
+    for row, box in zip(answers, plan.boxes, strict=True):
+        which = number.digit_in(box)
+        row[NOT_A_DIGIT if which is None else number.labels[which]] = 1.0
 
     def classify(inputs: np.ndarray) -> np.ndarray:
-        expected, answers = next(passes)
-        assert np.array_equal(inputs, expected), "asked about another drawing"
+        assert np.array_equal(inputs, plan.inputs), "asked about another drawing"
         return answers
 
     return classify
+
+
+def oracle_line_reader(number: RenderedNumber) -> LineReader:
+    """A perfect line reader for one drawn number: each digit's label at the frame that shows
+    the middle of its rendered box."""
+    plan = reading_plan(number.image)
+    line = plan.line_plan(np.zeros((len(plan.inputs), CLASSES)))  # what the CNN said: unused
+    scale = working_scale(number.image)
+    out = np.zeros((1, line.input.shape[2] // LINE_STRIDE, LINE_CLASSES), np.float32)
+    out[0, :, BLANK] = 1.0
+    for box, label in zip(number.boxes, number.labels, strict=True):
+        column = (box.x + box.width / 2) / scale
+        frame = int((LINE_LEFT + (column - line.line.ink_left) * line.line.scale) // LINE_STRIDE)
+        out[0, frame] = np.eye(LINE_CLASSES)[label + 1]
+
+    def read_lines(strips: np.ndarray) -> np.ndarray:
+        assert np.array_equal(strips, line.input), "asked about another drawing"
+        return out
+
+    return read_lines
+
+
+def no_line_reader(strips: np.ndarray) -> np.ndarray:
+    raise AssertionError("the line reader was asked to read digits the CNN is sure of")
 
 
 @pytest.fixture(scope="module")
@@ -225,55 +265,44 @@ def draw(test_digits, length: int, seed: int, touching=0.3, overlapping=0.1) -> 
     return render_number(images[chosen], labels[chosen], CANVAS, touching, overlapping, rng)
 
 
-def test_classify_plans_reads_like_read_marks(test_digits):
-    classify = fixed_classifier()
-    numbers = [draw(test_digits, length, seed) for seed, length in enumerate([2, 3, 5, 6])]
+def test_read_plans_reads_like_read_marks(test_digits):
+    classify, read_lines = fixed_classifier(), fixed_line_reader()
+    numbers = [draw(test_digits, length, seed) for seed, length in enumerate([2, 3, 5, 6, 4, 4])]
     plans = [reading_plan(number.image) for number in numbers]
-    splits = [
-        plan.splits(rows) for plan, rows in zip(plans, classify_plans(plans, classify), strict=True)
-    ]
-    for number, split, rows in zip(numbers, splits, classify_plans(splits, classify), strict=True):
-        batched = split.marks(rows)
-        alone = read_marks(number.image, classify)
-        assert [mark.box for mark in batched] == [mark.box for mark in alone]
-        for one, other in zip(batched, alone, strict=True):
-            np.testing.assert_allclose(one.probabilities, other.probabilities, atol=1e-6)
+    batched = read_plans(plans, classify, read_lines)
+    answers = classify_plans(plans, classify)
+    assert any(plan.needs_line(rows) for plan, rows in zip(plans, answers, strict=True))
+    for number, marks in zip(numbers, batched, strict=True):
+        alone = read_marks(number.image, classify, read_lines)
+        assert [mark.box for mark in marks] == [mark.box for mark in alone]
+        for one, other in zip(marks, alone, strict=True):
+            np.testing.assert_allclose(one.probabilities, other.probabilities, atol=1e-5)
 
 
 @pytest.mark.parametrize("length", [2, 4, 6])
 def test_separate_digits_round_trip_through_read_marks(test_digits, length):
     for seed in range(8):
         number = draw(test_digits, length, seed, touching=0.0, overlapping=0.0)
-        marks = read_marks(number.image, oracle_classifier(number))
+        marks = read_marks(number.image, oracle_classifier(number), oracle_line_reader(number))
         read = describe_reading(number, marks)
         assert read.exact and read.segmented, (seed, number.text, read)
 
 
-def test_oracle_reads_touching_digits_right_or_not_at_all(test_digits):
-    """Splitting touching digits can fail, but a perfect classifier then refuses the crop: a
-    digit read by the oracle is always one whole rendered digit, at its place, with its label."""
-    for seed in range(12):
-        number = draw(test_digits, 4, seed, touching=0.6, overlapping=0.2)
-        marks = read_marks(number.image, oracle_classifier(number))
+@pytest.mark.parametrize("length", [2, 4, 6])
+def test_touching_digits_read_by_a_perfect_line_reader_mostly_get_a_box_each(test_digits, length):
+    """Where digits touch, the cut between two runs where the least ink crosses between their
+    centres, bending around strokes: most touching pairs end in separate boxes (measured: 79%
+    of 212 pairs; the rest keep a stroke of their neighbour, as slanted digits do)."""
+    apart = []
+    for seed in range(10):
+        number = draw(test_digits, length, seed, touching=0.8, overlapping=0.0)
+        plan = reading_plan(number.image)
+        line = plan.line_plan(oracle_classifier(number)(plan.inputs))
+        marks = line.marks(oracle_line_reader(number)(line.input))
         read = describe_reading(number, marks)
-        for mark, position in zip(marks, read.found, strict=True):
-            assert mark.is_digit == (position is not None)
-            if position is not None:
-                assert mark.digit == number.labels[position]
-        assert [p for p in read.found if p is not None] == sorted(
-            p for p in read.found if p is not None
-        )
-
-
-def test_oracle_reads_crops_of_several_digits_as_several_and_of_half_a_digit_as_none(
-    test_digits,
-):
-    number = draw(test_digits, 3, 0, touching=0.0, overlapping=0.0)
-    boxes = number.boxes
-    whole = Box(0, 0, *CANVAS)
-    half = Box(boxes[0].x, boxes[0].y, boxes[0].width, boxes[0].height // 3)
-    answers = oracle_probabilities(number, [*boxes, whole, half])
-    assert answers.argmax(axis=1).tolist() == [*number.labels, SEVERAL_DIGITS, NOT_A_DIGIT]
+        assert read.text == number.text, (seed, number.text, read)
+        apart += [read.pair_split(i) for i, join in enumerate(read.joins) if join == "touching"]
+    assert np.mean(apart) >= 0.6, apart
 
 
 def test_number_read_exactly_only_when_every_mark_is_the_right_digit():
@@ -303,27 +332,30 @@ def test_segmentation_scores_count_numbers_and_pairs_by_how_they_meet():
         reading("123", "?3", [None, 2], joins=["touching", "gap"], joined=[0]),
         reading("45", "4", [None], joins=["overlapping"], joined=[0]),
     ]
-    scores = segmentation_scores(readings, "oracle")
-    assert scores["oracle"] == pytest.approx(1 / 3, abs=1e-4)
-    assert scores["oracle_touching_pairs"] == 0.5
-    assert scores["oracle_gap_pairs"] == 1.0
-    assert scores["oracle_overlapping_pairs"] == 0.0
+    scores = segmentation_scores(readings, "model")
+    assert scores["model"] == pytest.approx(1 / 3, abs=1e-4)
+    assert scores["model_touching_pairs"] == 0.5
+    assert scores["model_gap_pairs"] == 1.0
+    assert scores["model_overlapping_pairs"] == 0.0
 
 
 def test_evaluate_numbers_reports_every_length_and_draws_examples(test_digits):
     images, labels = test_digits
     settings = EvaluateSettings.from_params(SETTINGS)
-    numbers, segmentation, grid = evaluate_numbers(fixed_classifier(), images, labels, settings)
+    numbers, segmentation, grid = evaluate_numbers(
+        fixed_classifier(), fixed_line_reader(), images, labels, settings
+    )
     assert set(numbers) == {"accuracy", "length_2", "length_5_plus"}
     assert all(0.0 <= value <= 1.0 for value in numbers.values())
-    assert {"oracle", "model", "oracle_length_2", "model_gap_pairs"} <= set(segmentation)
+    assert {"model", "model_length_2", "model_gap_pairs"} <= set(segmentation)
     assert grid.size == (CANVAS[0], 2 * (CANVAS[1] // 2 + 18))  # 4 examples, 2 per row
 
 
 def test_numbers_grid_colours_right_green_and_wrong_red(test_digits):
     number = draw(test_digits, 2, 0, touching=0.0, overlapping=0.0)
-    right = read_marks(number.image, oracle_classifier(number))
-    wrong = read_marks(number.image, lambda inputs: np.eye(CLASSES)[[NOT_A_DIGIT] * len(inputs)])
+    right = read_marks(number.image, oracle_classifier(number), oracle_line_reader(number))
+    surely_not = lambda inputs: np.eye(CLASSES)[[NOT_A_DIGIT] * len(inputs)]  # noqa: E731
+    wrong = read_marks(number.image, surely_not, no_line_reader)
     for marks, colour in ((right, (0, 140, 0)), (wrong, (200, 0, 0))):
         pixels = np.asarray(numbers_grid([(number, marks)]).convert("RGB")).reshape(-1, 3)
         assert (pixels == colour).all(axis=1).any()
@@ -361,9 +393,11 @@ def test_non_digits_drawn_on_the_pad_are_counted_refused_as_predict_and_read_ans
     def answering(label: int) -> Classifier:
         return lambda inputs: np.eye(CLASSES, dtype=np.float32)[[label] * len(inputs)]
 
-    refused_all = drawn_not_digits_refused(answering(NOT_A_DIGIT), images[:5], settings)
+    refused_all = drawn_not_digits_refused(
+        answering(NOT_A_DIGIT), no_line_reader, images[:5], settings
+    )
     assert refused_all == {"predict": 1.0, "read": 1.0}
-    assert drawn_not_digits_refused(answering(3), images[:5], settings) == {
+    assert drawn_not_digits_refused(answering(3), no_line_reader, images[:5], settings) == {
         "predict": 0.0,
         "read": 0.0,
     }

@@ -7,6 +7,7 @@ import pytest
 
 from pipelines.lines import (
     BLANK,
+    LINE_BUCKET,
     LINE_CLASSES,
     LINE_FRAMES,
     LINE_HEIGHT,
@@ -15,7 +16,9 @@ from pipelines.lines import (
     LINE_STRIDE,
     LINE_WIDTH,
     line_input,
+    line_text,
     read_line,
+    strip_widths,
 )
 from pipelines.preprocessing import NOT_A_DIGIT, NoDigitError
 
@@ -66,16 +69,23 @@ def test_runs_of_a_digit_are_one_digit_and_a_blank_between_repeats_makes_two():
     assert [digit.digit for digit in read] == [4, 4, 1, 7]
 
 
-def test_each_digit_owns_the_columns_halfway_to_its_neighbours_and_its_peak_probabilities():
-    line = line_input(bar_mark(22, 200))
+def test_each_digit_is_placed_at_its_runs_middle_with_its_surest_frames_probabilities():
+    line = line_input(bar_mark(22, 200))  # scale 1: the ink starts at strip column 4, mark's 5
     output = frames((2, 9, 10), (6, 29, 30))
     output[10, 4 + 1] = 0.6  # the 2's second frame doubts it (it may be a 4): the first speaks
-    read = read_line(output / output.sum(axis=1, keepdims=True), line)
-    first, second = read
-    middle = line.mark_column(((9.5 + 0.5) * LINE_STRIDE + (29.5 + 0.5) * LINE_STRIDE) / 2)
-    assert first.columns == (5, middle) and second.columns == (middle, 205)
-    assert first.probabilities.shape == (10,) and first.probabilities.sum() == pytest.approx(1)
-    assert first.probabilities[2] == pytest.approx(0.9 / 0.99)  # the first frame's
+    first, second = read_line(output / output.sum(axis=1, keepdims=True), line)
+    assert first.centre == pytest.approx(10 * LINE_STRIDE + 1)  # frames 9-10: strip column 40
+    assert second.centre == pytest.approx(30 * LINE_STRIDE + 1)
+    assert first.probabilities.shape == (11,) and first.probabilities.sum() == pytest.approx(1)
+    assert first.probabilities[2] == pytest.approx(0.9 / (0.9 + 10 * 0.01))  # the first frame's
+
+
+def test_a_strip_is_read_only_as_wide_as_its_ink_in_buckets_of_columns():
+    assert line_input(bar_mark(22, 20)).width == LINE_BUCKET  # a digit: the first bucket
+    assert line_input(bar_mark(22, 60)).width == 2 * LINE_BUCKET  # 4 + 60 + 4 columns
+    assert line_input(bar_mark(22, 2000)).width == LINE_WIDTH
+    strips = np.stack([line_input(bar_mark(22, w)).pixels for w in (20, 60)])
+    assert strip_widths(strips).tolist() == [LINE_BUCKET, 2 * LINE_BUCKET]
 
 
 def test_a_strip_of_blanks_reads_no_digit():
@@ -86,4 +96,5 @@ def test_a_run_of_the_not_a_digit_symbol_is_a_mark_that_is_not_a_digit():
     line = line_input(bar_mark(22, 200))
     read = read_line(frames((3, 5, 6), (NOT_A_DIGIT, 15, 17)), line)
     assert [(digit.digit, digit.is_digit) for digit in read] == [(3, True), (NOT_A_DIGIT, False)]
-    assert read[1].probabilities.shape == (10,)
+    assert read[1].probabilities.shape == (11,)
+    assert line_text(read) == "3?"

@@ -1,6 +1,6 @@
 """Reading a drawing mark by mark: multi-stroke digits stay one mark, numbers are read left to
-right, touching digits are split only into digits the model is sure of, and /predict's reading
-refuses several digits and non-digits instead of guessing."""
+right, touching digits go to the line reader and come back as marks with their own boxes, and
+/predict's reading refuses several digits and non-digits instead of guessing."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from pipelines.lines import BLANK, LINE_BUCKET, LINE_CLASSES, LINE_HEIGHT, LINE_LEFT, LINE_STRIDE
 from pipelines.preprocessing import (
     CLASSES,
     NOT_A_DIGIT,
@@ -18,12 +19,8 @@ from pipelines.preprocessing import (
     ink_map,
 )
 from pipelines.segmentation import (
-    MAX_INPUTS,
-    NO_ANSWERS,
     NotADigitError,
     SeveralDigitsError,
-    _cut_paths,
-    _split_candidates,
     plan_reading,
     plan_single,
     read_marks,
@@ -67,9 +64,9 @@ def test_a_digit_written_in_several_strokes_is_one_mark(digit):
 def test_separate_digits_are_read_left_to_right_with_boxes_in_the_sent_pixels():
     one_then_four = pad_with(*ONE, *(_moved(stroke, 500) for stroke in FOUR))
     plan = plan_reading(ink_map(one_then_four), working_scale(one_then_four), (840, 280))
-    split = plan.splits(probabilities_for(plan.inputs, [1, 4]))
-    assert len(split.inputs) == 0  # two sure digits: one model call
-    marks = split.marks(NO_ANSWERS)
+    answers = probabilities_for(plan.inputs, [1, 4])
+    assert not plan.needs_line(answers)  # two sure digits: one model call
+    marks = plan.marks(answers)
     assert [mark.digit for mark in marks] == [1, 4]
     first, second = (mark.box for mark in marks)
     assert 380 <= first.x <= 400 <= first.x + first.width <= 420  # the 1 at x=400, 16 px wide
@@ -113,83 +110,62 @@ def test_a_drawing_the_model_calls_not_a_digit_is_refused_by_predict():
     assert refused.value.reason == "not_a_digit"
 
 
-def test_touching_digits_are_split_where_the_model_reads_sure_digits():
-    bars = [[(x, 60), (x, 230)] for x in (100, 180, 260, 340)]
-    touching = pad_with(*bars, [(100, 140), (340, 140)])  # four 1s joined by a stroke
+def line_output(plan, marks: list[tuple[int, int]]) -> np.ndarray:
+    """The line reader's answer for a plan's strip: blank, but for (class, ink-map column)
+    pairs, each read at the frame that shows that column (class NOT_A_DIGIT: not a digit)."""
+    line = plan.line_plan(probabilities_for(plan.inputs, [SEVERAL_DIGITS] * len(plan.inputs)))
+    frames = line.input.shape[2] // LINE_STRIDE
+    out = np.full((1, frames, LINE_CLASSES), 0.01, np.float32)
+    out[0, :, BLANK] = 0.9
+    for label, column in marks:
+        frame = int((LINE_LEFT + (column - line.line.ink_left) * line.line.scale) // LINE_STRIDE)
+        out[0, frame, BLANK] = 0.01
+        out[0, frame, label + 1] = 0.9
+    return out / out.sum(axis=2, keepdims=True)
+
+
+FOUR_ONES = ([(x, 60), (x, 230)] for x in (100, 180, 260, 340))
+
+
+def test_touching_digits_are_read_by_the_line_reader_and_cut_where_the_least_ink_crosses():
+    touching = pad_with(*FOUR_ONES, [(100, 140), (340, 140)])  # four 1s joined by a bar
     plan = plan_reading(ink_map(touching), working_scale(touching), (840, 280))
     assert len(plan.inputs) == 1  # one mark, read whole first
-    # The model: the whole is not a digit, every narrower piece is a sure 1.
-    split = plan.splits(probabilities_for(plan.inputs, [NOT_A_DIGIT]))
-    assert len(split.inputs) > 1  # a mark wider than tall: pieces were tried
-    marks = split.marks(probabilities_for(split.inputs, [1] * len(split.inputs)))
-    assert len(marks) >= 2 and all(mark.digit == 1 for mark in marks)
+    assert plan.needs_line(probabilities_for(plan.inputs, [NOT_A_DIGIT]))  # wider than tall
+    line = plan.line_plan(probabilities_for(plan.inputs, [NOT_A_DIGIT]))
+    assert line.input.shape[:2] == (1, LINE_HEIGHT) and line.input.shape[2] % LINE_BUCKET == 0
+    columns = [x // plan.scale for x in (100, 180, 260, 340)]
+    marks = line.marks(line_output(plan, [(1, c) for c in columns]))
+    assert [mark.digit for mark in marks] == [1, 1, 1, 1]
     boxes = [mark.box for mark in marks]
     assert all(a.x + a.width <= b.x for a, b in zip(boxes, boxes[1:], strict=False))
-    # The same mark, which the model reads as one sure digit, stays whole.
-    split = plan.splits(probabilities_for(plan.inputs, [7]))
-    marks = split.marks(probabilities_for(split.inputs, [1] * len(split.inputs)))
-    assert [mark.digit for mark in marks] == [7]
+    for box, x in zip(boxes, (100, 180, 260, 340), strict=True):
+        assert box.x - 8 <= x - 8 and x + 8 <= box.x + box.width + 8  # each holds its 1
+        assert box.height >= 160  # the whole bar, in the sent image's pixels
+    assert all(mark.input.shape == (28, 28) and mark.input.max() > 0.5 for mark in marks)
 
 
-def test_a_mark_about_as_wide_as_a_digit_is_split_only_when_the_model_doubts_it():
+def test_what_the_line_reader_reads_as_not_a_digit_is_a_mark_that_is_not_a_digit():
+    touching = pad_with(*FOUR_ONES, [(100, 140), (340, 140)])
+    plan = plan_reading(ink_map(touching), working_scale(touching), (840, 280))
+    columns = [x // plan.scale for x in (100, 180, 260, 340)]
+    read = [(1, columns[0]), (NOT_A_DIGIT, columns[1]), (1, columns[2]), (1, columns[3])]
+    line = plan.line_plan(probabilities_for(plan.inputs, [NOT_A_DIGIT]))
+    marks = line.marks(line_output(plan, read))
+    assert [mark.is_digit for mark in marks] == [True, False, True, True]
+    assert not any(mark.is_several_digits for mark in marks)
+    (nothing,) = line.marks(line_output(plan, []))  # ink read as nothing at all
+    assert not nothing.is_digit and nothing.box == plan.boxes[0]
+
+
+def test_a_mark_about_as_wide_as_a_digit_goes_to_the_line_reader_when_it_may_be_several():
     pair = pad_with(*ONE, [(520, 60), (520, 230)], [(400, 140), (520, 140)])  # "11", joined
     plan = plan_reading(ink_map(pair), working_scale(pair), (840, 280))
-    assert len(plan.splits(probabilities_for(plan.inputs, [0])).inputs) == 0  # a sure 0
-    surely_not = probabilities_for(plan.inputs, [NOT_A_DIGIT], sure=0.999)  # an M, say
-    assert len(plan.splits(surely_not).inputs) == 0
-    assert len(plan.splits(probabilities_for(plan.inputs, [NOT_A_DIGIT], sure=0.95)).inputs) == 0
-    split = plan.splits(probabilities_for(plan.inputs, [NOT_A_DIGIT], sure=0.6))  # doubted
-    marks = split.marks(probabilities_for(split.inputs, [1] * len(split.inputs)))
-    assert [mark.digit for mark in marks] == [1, 1]
-
-
-def test_a_mark_the_model_reads_as_several_digits_is_split_even_when_it_is_surely_so():
-    pair = pad_with(*ONE, [(520, 60), (520, 230)], [(400, 140), (520, 140)])  # "11", joined
-    plan = plan_reading(ink_map(pair), working_scale(pair), (840, 280))
-    several = probabilities_for(plan.inputs, [SEVERAL_DIGITS], sure=0.999)
-    split = plan.splits(several)
-    marks = split.marks(probabilities_for(split.inputs, [1] * len(split.inputs)))
-    assert [mark.digit for mark in marks] == [1, 1]
-    # No piece is a digit: the mark stays whole, and is no digit.
-    (whole,) = split.marks(probabilities_for(split.inputs, [NOT_A_DIGIT] * len(split.inputs)))
-    assert not whole.is_digit and whole.is_several_digits
-
-
-def test_a_mark_wider_than_a_digit_read_as_one_sure_digit_is_split_into_surer_digits():
-    apart = pad_with(*ONE, [(640, 60), (640, 230)], [(400, 140), (640, 140)])  # "1-1", joined
-    plan = plan_reading(ink_map(apart), working_scale(apart), (840, 280))
-    split = plan.splits(probabilities_for(plan.inputs, [4], sure=0.97))
-    marks = split.marks(probabilities_for(split.inputs, [1] * len(split.inputs), sure=0.99))
-    assert [mark.digit for mark in marks] == [1, 1]
-    # Far surer of the whole than of its pieces, the model keeps it whole.
-    split = plan.splits(probabilities_for(plan.inputs, [4], sure=0.999))
-    marks = split.marks(probabilities_for(split.inputs, [1] * len(split.inputs), sure=0.9))
-    assert [mark.digit for mark in marks] == [4]
-
-
-def test_a_mark_read_as_several_digits_is_also_cut_where_equally_wide_digits_meet():
-    # Ink that thickens steadily to the right: no dip anywhere says where one digit ends.
-    ramp = np.tile(np.linspace(0.2, 1.0, 100, dtype=np.float32), (40, 1))
-    candidate = plan_reading(ramp).candidates[0]
-    assert _split_candidates(candidate, even=False, most=MAX_INPUTS)[1] == []
-    _, intervals, boxes, _ = _split_candidates(candidate, even=True, most=MAX_INPUTS)
-    spans = {(box.x, box.x + box.width) for box in boxes}
-    assert {(0, 50), (50, 100), (0, 33), (33, 67), (67, 100), (0, 25), (75, 100)} <= spans
-    assert _split_candidates(candidate, even=True, most=len(intervals) - 1) is None
-
-
-def test_a_mark_wider_than_a_digit_is_cut_where_equally_wide_digits_meet_whatever_its_reading():
-    # Digits written so close that each overlaps the next: one wide mark the model reads as no
-    # digit at all, and no dip in its ink says where one digit ends.
-    ramp = np.tile(np.linspace(0.2, 1.0, 100, dtype=np.float32), (40, 1))
-    plan = plan_reading(ramp)
-    split = plan.splits(probabilities_for(plan.inputs, [NOT_A_DIGIT]))
-    spans = {(box.x, box.x + box.width) for box in split.boxes}
-    assert {(0, 50), (50, 100), (0, 25), (75, 100)} <= spans
-    # A mark about as wide as a digit read as no digit (a letter) is not cut into equal parts.
-    narrow = np.tile(np.linspace(0.2, 1.0, 40, dtype=np.float32), (40, 1))
-    plan = plan_reading(narrow)
-    assert not plan.splits(probabilities_for(plan.inputs, [NOT_A_DIGIT], sure=0.8)).boxes
+    assert not plan.needs_line(probabilities_for(plan.inputs, [0]))  # a sure 0
+    assert not plan.needs_line(probabilities_for(plan.inputs, [NOT_A_DIGIT], sure=0.999))  # an M
+    assert plan.needs_line(probabilities_for(plan.inputs, [NOT_A_DIGIT], sure=0.6))  # doubted
+    assert not plan.needs_line(probabilities_for(plan.inputs, [3], sure=0.6))  # a digit stays
+    assert plan.needs_line(probabilities_for(plan.inputs, [SEVERAL_DIGITS], sure=0.999))
 
 
 def test_predict_refuses_one_mark_of_touching_digits_as_several_digits():
@@ -201,22 +177,6 @@ def test_predict_refuses_one_mark_of_touching_digits_as_several_digits():
     assert "several touching digits" in str(refused.value) and "/read" in str(refused.value)
 
 
-def test_a_cut_bends_between_slanted_digits_that_no_straight_cut_separates():
-    image = Image.new("L", (200, 200))
-    draw = ImageDraw.Draw(image)
-    draw.line([(20, 190), (90, 10)], fill=255, width=12)  # two slanted 1s, /  /
-    draw.line([(90, 190), (160, 10)], fill=255, width=12)
-    draw.line([(55, 100), (125, 100)], fill=255, width=6)  # joined by a bar
-    ink = np.asarray(image, dtype=np.float32) / 255
-    (path,) = _cut_paths(ink, [90])
-    columns = np.arange(200)
-    for row in range(0, 200, 10):
-        if abs(row - 100) > 6:  # away from the bar, it crosses no ink
-            assert ink[row, path[row]] == 0.0, row
-    left = (columns < path[:, np.newaxis]) & (ink > 0)
-    assert left[:, :50].sum() > 0 and not left[190:, 100:].any()  # the second 1's foot is right
-
-
 def test_read_marks_and_read_single_run_the_classifier_once_on_the_plan():
     image = pad_with(*ONE)
     calls = []
@@ -225,11 +185,19 @@ def test_read_marks_and_read_single_run_the_classifier_once_on_the_plan():
         calls.append(inputs.shape)
         return probabilities_for(inputs, [1] * len(inputs))
 
-    assert [mark.digit for mark in read_marks(image, classify)] == [1]
+    def read_lines(strips: np.ndarray) -> np.ndarray:
+        calls.append(strips.shape)
+        return np.eye(LINE_CLASSES)[[BLANK] * (strips.shape[2] // LINE_STRIDE)][np.newaxis]
+
+    assert [mark.digit for mark in read_marks(image, classify, read_lines)] == [1]
     assert read_single(image, classify).digit == 1
-    assert calls == [(1, 28, 28), (1, 28, 28)]  # a sure digit: no second pass
+    assert calls == [(1, 28, 28), (1, 28, 28)]  # a sure digit: no line reader
+    calls.clear()
+    joined = pad_with(*FOUR_ONES, [(100, 140), (340, 140)])
+    (mark,) = read_marks(joined, classify, read_lines)  # which reads nothing there
+    assert not mark.is_digit and calls[0] == (1, 28, 28) and calls[1][:2] == (1, LINE_HEIGHT)
     with pytest.raises(NoDigitError):
-        read_marks(Image.new("RGBA", (840, 280)), classify)
+        read_marks(Image.new("RGBA", (840, 280)), classify, read_lines)
 
 
 def _moved(stroke: list[tuple[int, int]], dx: int) -> list[tuple[int, int]]:
@@ -250,11 +218,3 @@ def test_a_drawing_of_too_many_marks_is_refused_before_any_work():
     with pytest.raises(ImageError) as refused:
         plan_reading(ink_map(image), working_scale(image), image.size)
     assert refused.value.reason == "too_many_marks"
-
-
-def test_wide_marks_beyond_the_input_budget_are_read_whole():
-    zigzag = [(x, 60 if (x // 20) % 2 else 220) for x in range(0, 250, 20)]
-    image = pad_with(*([(x + dx, y) for x, y in zigzag] for dx in (10, 290, 570)))
-    plan = plan_reading(ink_map(image), working_scale(image), image.size)
-    split = plan.splits(probabilities_for(plan.inputs, [NOT_A_DIGIT] * 3))
-    assert len(plan.inputs) == 3 and len(plan.inputs) + len(split.inputs) <= MAX_INPUTS
