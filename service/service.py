@@ -11,9 +11,11 @@ Routes: POST /predict, POST /predict_batch, POST /read, POST /feedback (a correc
 review: feedback.py), GET /info, the page (web/) at /, and BentoML's /livez, /readyz and /metrics.
 Every refusal is JSON `{"error", "reason"}` (see errors.py and guard.py); the limits are in
 settings.py. The model is the newest `digits-cnn` in the BentoML store, run on LiteRT
-(runtime.py, no TensorFlow in the server) through a micro-batcher (batcher.py). A request's
-walk: decode and plan (images.py, the contract in pipelines/preprocessing.py), one model call
-for all the plan's inputs, the answer (answers.py).
+(runtime.py, no TensorFlow in the server) through a micro-batcher (batcher.py): the CNN, and
+the line reader that /read asks when digits touch. A request's walk: decode and plan
+(images.py, the contract in pipelines/preprocessing.py and segmentation.py), one model call for
+all the plan's inputs (and, for /read of touching digits, one line reader call), the answer
+(answers.py).
 """
 
 from __future__ import annotations
@@ -215,6 +217,7 @@ class Digits:
             "trained_at": metadata.get("trained_at"),
             "preprocessing_version": metadata.get("preprocessing_version"),
             "corrections_version": metadata.get("corrections_version"),
+            "line_reader_md5": metadata.get("line_reader_md5"),
         }
         self.infer = load_model(
             stored.path_of(SERVING_MODEL_FILE),

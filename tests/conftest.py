@@ -77,6 +77,19 @@ TEST_MODEL_NOT_DIGIT_SHARE = 0.1  # share of the training images that are not di
 TEST_MODEL_SCRIBBLES = 1000  # synthetic scribbles among them (the train stage's own)
 TEST_MODEL_CANVAS_DIGITS = 2000  # training digits drawn on the pad, as the train stage adds
 TEST_MODEL_MAX_DIGIT_REFUSAL = 0.005  # validation digits the fitted threshold may refuse
+TEST_LINE_READER = {  # the train_lines settings of the test model's line reader: ~1 min
+    "seed": 0,
+    "lines": 8000,
+    "validation_lines": 0,
+    "max_digits": 4,
+    "touching": [0.0, 0.5],
+    "overlapping": [0.0, 0.2],
+    "not_digit_lines": 0.3,
+    "epochs": 4,
+    "batch_size": 64,
+    "learning_rate": 0.003,
+    "precision": "float32",
+}
 
 
 def save_test_model(
@@ -84,7 +97,8 @@ def save_test_model(
 ) -> str:
     """Train a small real CNN and save it to the BentoML store as `digits-cnn`.
 
-    A stand-in for the `package` stage: same files, same metadata keys, the same twelve classes
+    A stand-in for the `package` stage: same files (with a line reader, trained as the
+    train_lines stage trains it but smaller), same metadata keys, the same twelve classes
     (digits, not a digit, several digits: this one never learnt) learnt the way the train stage
     learns them: MNIST digits, the download stage's non-digit drawings of the training
     alphabets, the train stage's scribbles and digits drawn on the pad, with the "not a digit"
@@ -97,9 +111,10 @@ def save_test_model(
 
     from pipelines.download import read_split
     from pipelines.model import build_model, raise_logit
-    from pipelines.package import export_for_serving
+    from pipelines.package import export_for_serving, probe_strips
     from pipelines.preprocessing import NOT_A_DIGIT, PREPROCESSING_VERSION, as_batch
     from pipelines.train import canvas_digits, fit_refusal_shift, scribbles
+    from pipelines.train_lines import LineSettings, draw_lines_in_parallel, fit_line_reader
 
     keras.utils.set_random_seed(0)
     images, labels = read_split(SHARED_MNIST, "train")
@@ -140,6 +155,16 @@ def save_test_model(
         "preprocessing_version": PREPROCESSING_VERSION,
         "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
+    line_settings = LineSettings.from_params(TEST_LINE_READER)
+    strips, targets = draw_lines_in_parallel(
+        images[:train_images],
+        labels[:train_images],
+        line_settings.lines,
+        line_settings,
+        line_settings.seed,
+        not_digits["images"][split == "train"],
+    )
+    line_reader = fit_line_reader(strips, targets, line_settings)
     with bentoml.models.create(
         name="digits-cnn", labels={"stage": "test"}, metadata=metadata
     ) as ref:
@@ -147,6 +172,13 @@ def save_test_model(
         export_for_serving(
             Path(ref.path_of("model.keras")), Path(ref.path_of("model.tflite")), images[:64] / 255
         )
+        line_reader.save(ref.path_of("line_reader.keras"))
+        for strip in probe_strips(images[-4:] / 255):
+            export_for_serving(
+                Path(ref.path_of("line_reader.keras")),
+                Path(ref.path_of("line_reader.tflite")),
+                strip,
+            )
     refused = probabilities.argmax(axis=1) == NOT_A_DIGIT
     log.info(
         "saved %s (val accuracy %.4f; refuses %.2f%% of digits, %.1f%% of held-out drawings)",

@@ -23,6 +23,7 @@ import pytest
 import sqlalchemy
 from mlflow.tracking import MlflowClient
 
+from pipelines.download import file_md5
 from pipelines.preprocessing import CLASSES, bytes_to_input
 from pipelines.segmentation import digit_probabilities
 from service.runtime import SERVING_MODEL_FILE, LiteRTModel
@@ -148,6 +149,7 @@ def test_a_second_machine_serves_the_champion_from_a_dvc_remote_without_training
     run_in(project, "dvc", "pull")
     result = run_in(project, "dvc", "repro")
     assert "Running stage 'train'" not in result.stdout
+    assert "Running stage 'train_lines'" not in result.stdout
     assert "Stage 'train' didn't change, skipping" in result.stdout
     assert git_status(project) == ""
 
@@ -160,7 +162,8 @@ def test_a_second_machine_serves_the_champion_from_a_dvc_remote_without_training
     # Machine A's answers: its own champion in its own BentoML store.
     mlflow.set_tracking_uri(published.tracking_uri)
     champion_a = MlflowClient().get_model_version_by_alias("digits-cnn", "champion")
-    tag_a = f"digits-cnn:v{champion_a.version}-{champion_a.run_id[:8]}"
+    line_reader = file_md5(published.root / "models" / "line_reader.keras")[:8]
+    tag_a = f"digits-cnn:v{champion_a.version}-{champion_a.run_id[:8]}-{line_reader}"
     pngs, labels = drawn_digits(8)
     expected = digit_probabilities(litert_probabilities(published.bentoml_home, tag_a, pngs))
 
@@ -169,7 +172,7 @@ def test_a_second_machine_serves_the_champion_from_a_dvc_remote_without_training
     assert [answer["digit"] for answer in answers] == labels
     served = np.array([answer["probabilities"] for answer in answers])
     np.testing.assert_allclose(served, expected, atol=2e-6)
-    assert answers[0]["model_version"] == f"digits-cnn:v1-{champion.run_id[:8]}"
+    assert answers[0]["model_version"] == f"digits-cnn:v1-{champion.run_id[:8]}-{line_reader}"
 
 
 # ---- Team mode: PostgreSQL and a tracking server -----------------------------------------------

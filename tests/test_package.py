@@ -18,7 +18,10 @@ from mlflow.tracking import MlflowClient
 
 from pipelines import tracking
 from pipelines.download import file_md5, read_split
+from pipelines.lines import LINE_CLASSES
+from pipelines.package import probe_strips
 from pipelines.preprocessing import INPUT_SHAPE, as_batch
+from pipelines.train_lines import build_line_reader
 from service.runtime import LiteRTModel
 from tests.helpers import REPO, SHARED_MNIST
 
@@ -42,6 +45,8 @@ class Store:
         }
         self.params.write_text(yaml.safe_dump(params))
         self.model = root / "model.keras"
+        self.line_reader = root / "line_reader.keras"  # a small untrained one: only its file
+        build_line_reader(filters=(4, 4, 4, 4)).save(self.line_reader)  # matters here
         self.trained = root / "train.json"
         self.evaluated = root / "metrics.json"
         self.env = {
@@ -90,6 +95,7 @@ class Store:
     def package(self, *extra: str) -> subprocess.CompletedProcess:
         command = [sys.executable, "-m", "pipelines.package", "--params", str(self.params)]
         command += ["--data", str(self.data), "--model", str(self.model)]
+        command += ["--line-reader", str(self.line_reader)]
         command += ["--train-metrics", str(self.trained), "--metrics", str(self.evaluated)]
         return subprocess.run(
             [*command, *extra],
@@ -103,7 +109,8 @@ class Store:
     def champion_tag(self) -> str:
         """The BentoML tag that the package stage gives the champion."""
         champion = self.client.get_model_version_by_alias("digits-cnn", "champion")
-        return f"digits-cnn:v{champion.version}-{champion.run_id[:8]}"
+        line_reader = file_md5(self.line_reader)[:8]
+        return f"digits-cnn:v{champion.version}-{champion.run_id[:8]}-{line_reader}"
 
     def champion_run(self) -> str:
         return self.client.get_model_version_by_alias("digits-cnn", "champion").run_id
@@ -156,13 +163,28 @@ def test_the_service_gets_a_litert_model_that_answers_like_the_keras_one(store):
     served = LiteRTModel(str(folder / "model.tflite"), threads=1)(images)
     np.testing.assert_allclose(served, expected, atol=1e-5)
     assert served.argmax(axis=1).tolist() == expected.argmax(axis=1).tolist()
+    # The line reader too, at any strip width.
+    reader = keras.saving.load_model(store.line_reader)
+    for strip in probe_strips(images[:4]):
+        expected = np.asarray(reader(strip[..., np.newaxis]))
+        served = LiteRTModel(str(folder / "line_reader.tflite"), threads=1)(strip)
+        assert served.shape == expected.shape == (1, strip.shape[2] // 4, LINE_CLASSES)
+        np.testing.assert_allclose(served, expected, atol=1e-5)
 
-    # An entry packaged before the service ran LiteRT gets its LiteRT file on the next run.
+    # An entry packaged before the service ran LiteRT (or read lines) gets its files next run.
     (folder / "model.tflite").unlink()
+    (folder / "line_reader.tflite").unlink()
     result = store.package()
     assert result.returncode == 0, result.stderr
-    assert (folder / "model.tflite").is_file()
+    assert (folder / "model.tflite").is_file() and (folder / "line_reader.tflite").is_file()
     assert len(store.bento_models()) == 1
+
+    # A new line reader (the train_lines stage ran) is a new entry, served as the latest.
+    build_line_reader(filters=(4, 4, 4, 8)).save(store.line_reader)
+    result = store.package()
+    assert result.returncode == 0, result.stderr
+    assert len(store.bento_models()) == 2
+    assert store.bento_model_folder(store.champion_tag()).is_dir()
 
 
 def users_corrections(folder: Path, label: int, count: int) -> Path:

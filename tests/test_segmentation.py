@@ -158,6 +158,23 @@ def test_what_the_line_reader_reads_as_not_a_digit_is_a_mark_that_is_not_a_digit
     assert not nothing.is_digit and nothing.box == plan.boxes[0]
 
 
+def test_when_the_line_reader_reads_one_thing_per_mark_the_cnns_reading_stands():
+    one_then_pair = pad_with(  # a 1, then "11" joined (about as wide as a digit)
+        [(100, 60), (100, 230)], *ONE, [(520, 60), (520, 230)], [(400, 140), (520, 140)]
+    )
+    plan = plan_reading(ink_map(one_then_pair), working_scale(one_then_pair), (840, 280))
+    answers = probabilities_for(plan.inputs, [1, NOT_A_DIGIT])
+    answers[1] = probabilities_for(plan.inputs[:1], [NOT_A_DIGIT], sure=0.6)[0]  # doubted
+    assert plan.needs_line(answers)
+    centres = [(box.x + box.width / 2) / plan.scale for box in plan.boxes]
+    line = plan.line_plan(answers)
+    marks = line.marks(line_output(plan, [(1, centres[0]), (4, centres[1])]))
+    assert [mark.is_digit for mark in marks] == [True, False]  # the CNN's, not "14"
+    assert [mark.box for mark in marks] == plan.boxes
+    marks = line.marks(line_output(plan, [(1, centres[0]), (1, centres[1] - 15), (7, centres[1])]))
+    assert [mark.digit for mark in marks] == [1, 1, 7]  # two in a mark: the reader's reading
+
+
 def test_a_mark_about_as_wide_as_a_digit_goes_to_the_line_reader_when_it_may_be_several():
     pair = pad_with(*ONE, [(520, 60), (520, 230)], [(400, 140), (520, 140)])  # "11", joined
     plan = plan_reading(ink_map(pair), working_scale(pair), (840, 280))
