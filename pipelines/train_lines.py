@@ -19,12 +19,14 @@ import logging
 import multiprocessing
 import os
 import time
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import keras
 import numpy as np
+import tensorflow as tf
 from keras import layers, ops
 
 from pipelines import tracking
@@ -201,20 +203,19 @@ def build_line_reader(
     return keras.Model(inputs, outputs, name="digits_line_reader")
 
 
-class BucketedLines(keras.utils.PyDataset):
+class BucketedLines:
     """Batches of strips of about the same width, cut to that width: short numbers (most of
     them) cost a fraction of the full strip. The batches' order is shuffled every epoch."""
 
     def __init__(self, strips: np.ndarray, targets: np.ndarray, batch_size: int, seed: int):
-        super().__init__()
         self.strips, self.targets = strips, targets
         self.widths = strip_widths(strips)
         self.batch_size = batch_size
         self.rng = np.random.default_rng(seed)
         self.batches: list[np.ndarray] = []
-        self.on_epoch_end()
+        self.shuffle()
 
-    def on_epoch_end(self) -> None:
+    def shuffle(self) -> None:
         batches = []
         for width in np.unique(self.widths):
             members = self.rng.permutation(np.flatnonzero(self.widths == width))
@@ -229,6 +230,22 @@ class BucketedLines(keras.utils.PyDataset):
         width = int(self.widths[members].max())
         return self.strips[members, :, :width, None], self.targets[members]
 
+    def epoch(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """One pass over every batch, then a new order for the next."""
+        for index in range(len(self)):
+            yield self[index]
+        self.shuffle()
+
+    def dataset(self) -> tf.data.Dataset:
+        """The batches as a dataset whose strips may be of any width, epoch after epoch (a
+        PyDataset would fix the width its first batches have)."""
+        signature = (
+            tf.TensorSpec((None, LINE_HEIGHT, None, 1), tf.float32),
+            tf.TensorSpec((None, self.targets.shape[1]), tf.int64),
+        )
+        batches = tf.data.Dataset.from_generator(self.epoch, output_signature=signature)
+        return batches.repeat().prefetch(2)
+
 
 def fit_line_reader(strips: np.ndarray, targets: np.ndarray, settings: LineSettings) -> keras.Model:
     keras.utils.set_random_seed(settings.seed)
@@ -242,7 +259,13 @@ def fit_line_reader(strips: np.ndarray, targets: np.ndarray, settings: LineSetti
         warmup_steps=max(1, steps // 12),
     )
     model.compile(keras.optimizers.AdamW(schedule, weight_decay=1e-4), loss=ctc_loss)
-    model.fit(batches, epochs=settings.epochs, verbose=2)
+    model.fit(
+        batches.dataset(),
+        epochs=settings.epochs,
+        steps_per_epoch=len(batches),
+        shuffle=False,  # BucketedLines shuffles
+        verbose=2,
+    )
     return model
 
 
