@@ -9,7 +9,8 @@ the cold start until /readyz answers, then for POST /predict (a 280x280 canvas P
 test digit, ~10 kB), POST /read (a four-digit number of MNIST test digits on an 840x280 pad,
 an opaque RGBA PNG of black ink on white as the page sends it, ~38 kB) and GET /livez (the
 cheapest route, for comparison): the latency of single sequential requests and the
-throughput of 1, 8 and 32 concurrent clients, each on its own keep-alive connection. Ends with
+throughput of 1, 8 and 32 concurrent clients, each on its own keep-alive connection. Also the
+sequential latency of /read when the same digits touch, which the line reader reads. Ends with
 the resident memory of the server's whole process tree, prints a table with the targets
 (/predict p50 <= 4 ms and >= 450 req/s with 8 clients, /read p50 <= 10 ms) and stops the
 server.
@@ -22,6 +23,7 @@ import base64
 import dataclasses
 import functools
 import http.client
+import io
 import json
 import logging
 import tempfile
@@ -48,6 +50,8 @@ from common import (
     tree_rss_mb,
     wait_ready,
 )
+
+from pipelines import drawing
 
 log = logging.getLogger("benchmark")
 
@@ -101,6 +105,18 @@ def number_png(mnist_dir: Path, text: str = NUMBER) -> bytes:
         glyphs.append(images[matches[used.get(character, 0) % len(matches)]])
         used[character] = used.get(character, 0) + 1
     return render_number(glyphs)
+
+
+def touching_number_png(mnist_dir: Path, text: str = NUMBER) -> bytes:
+    """The same digits as number_png, each touching the next, drawn as evaluation draws them."""
+    images, labels = mnist_test_digits(mnist_dir)
+    chosen = [int(np.flatnonzero(labels == int(c))[i]) for i, c in enumerate(text)]
+    number = drawing.render_number(
+        images[chosen], labels[chosen], NUMBER_CANVAS, 1.0, 0.0, np.random.default_rng(0)
+    )
+    buffer = io.BytesIO()
+    number.image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def request_body(png: bytes) -> bytes:
@@ -202,10 +218,13 @@ def main() -> None:
         cold_start = time.perf_counter() - began
         predict = Route(port, "POST", "/predict", request_body(png))
         read = Route(port, "POST", "/read", request_body(number))
+        touching = Route(port, "POST", "/read", request_body(touching_number_png(args.mnist_dir)))
         livez = Route(port, "GET", "/livez")
         reply = json.loads(_fetch(predict))
         log.info("cold start %.1f s; /predict answers digit %s", cold_start, reply.get("digit"))
         log.info("/read of %s answers %s", NUMBER, json.loads(_fetch(read)).get("text"))
+        answer = json.loads(_fetch(touching)).get("text")
+        log.info("/read of %s with its digits touching answers %s", NUMBER, answer)
         results = []
         for route in (predict, read, livez):
             phases = [functools.partial(sequential, route, args.requests)] + [
@@ -216,6 +235,8 @@ def main() -> None:
                 result = phase()
                 cpu = tree_cpu_seconds(process.pid) - cpu_before
                 results.append(dataclasses.replace(result, server_cpu_seconds=cpu))
+        joined = dataclasses.replace(sequential(touching, args.requests), route="/read touch")
+        results.append(joined)
         rss = tree_rss_mb(process.pid)
     finally:
         stop_server(process)
@@ -236,12 +257,12 @@ def report(
         "",
         f"request: /predict with a {CANVAS_SIDE}x{CANVAS_SIDE} canvas PNG ({png_bytes} bytes), "
         f"/read with {NUMBER} on a {width}x{height} pad PNG ({number_bytes} bytes)",
-        f"{'route':<10} {'mode':<12} {'requests':>8} {'errors':>6} {'req/s':>8} "
+        f"{'route':<12} {'mode':<12} {'requests':>8} {'errors':>6} {'req/s':>8} "
         f"{'p50 ms':>7} {'p99 ms':>7} {'server CPU ms/req':>17}",
     ]
     for result in results:
         lines.append(
-            f"{result.route:<10} {result.mode:<12} {result.requests:>8} {result.errors:>6} "
+            f"{result.route:<12} {result.mode:<12} {result.requests:>8} {result.errors:>6} "
             f"{result.throughput:>8.0f} {result.percentile(50):>7.2f} "
             f"{result.percentile(99):>7.2f} {result.server_cpu_ms:>17.2f}"
         )

@@ -209,12 +209,15 @@ def download_model_file(version: ModelVersion, folder: Path) -> Path:
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(folder)))
 
 
-def export_for_serving(keras_file: Path, litert_file: Path, probes: np.ndarray) -> float:
+def export_for_serving(
+    keras_file: Path, litert_file: Path, probes: np.ndarray | list[np.ndarray]
+) -> float:
     """Convert a Keras model to the LiteRT file the service runs; check both agree.
 
-    `probes` are inputs without their channel axis: (N, 28, 28) images for the CNN, strips
-    (N, LINE_HEIGHT, W) for the line reader, which is exported for any width. Returns the
-    largest difference in output; raises PackageError when it exceeds MAX_SERVING_DIFFERENCE.
+    `probes` are inputs without their channel axis, or a list of such batches: (N, 28, 28)
+    images for the CNN, strips (N, LINE_HEIGHT, W) of several widths for the line reader, which
+    is exported for any width. Returns the largest difference in output; raises PackageError
+    when it exceeds MAX_SERVING_DIFFERENCE.
     """
     import keras
 
@@ -223,10 +226,11 @@ def export_for_serving(keras_file: Path, litert_file: Path, probes: np.ndarray) 
     signature = [keras.InputSpec(shape=(None, *shape), dtype="float32")]
     with contextlib.redirect_stdout(io.StringIO()):  # Keras prints the path it saved to
         model.export(str(litert_file), format="litert", input_signature=signature)
-    batch = np.asarray(probes, np.float32)[..., np.newaxis]
-    expected = np.asarray(model(batch, training=False))
-    served = LiteRTModel(str(litert_file), threads=1)(probes)
-    difference = float(np.abs(served - expected).max())
+    served = LiteRTModel(str(litert_file), threads=1)
+    difference = 0.0
+    for batch in probes if isinstance(probes, list) else [probes]:
+        expected = np.asarray(model(np.asarray(batch, np.float32)[..., np.newaxis]))
+        difference = max(difference, float(np.abs(served(batch) - expected).max()))
     if not difference <= MAX_SERVING_DIFFERENCE:
         raise PackageError(
             f"the LiteRT conversion of {keras_file.name} differs from it by {difference:.2e}"
@@ -288,8 +292,8 @@ def import_to_bentoml(
         litert_file = Path(folder) / SERVING_MODEL_FILE
         difference = export_for_serving(keras_file, litert_file, probe_images)
         line_file = Path(folder) / LINE_READER_FILE
-        for strip in probe_strips(probe_images):
-            difference = max(difference, export_for_serving(line_reader, line_file, strip))
+        strips = probe_strips(probe_images)
+        difference = max(difference, export_for_serving(line_reader, line_file, strips))
         if existing is not None:
             # Re-created so that it becomes `latest` again, or gains the LiteRT file that
             # entries packaged by older code lack; only once the new files are ready.

@@ -266,6 +266,14 @@ def fit_line_reader(strips: np.ndarray, targets: np.ndarray, settings: LineSetti
         shuffle=False,  # BucketedLines shuffles
         verbose=2,
     )
+    return in_float32(model)
+
+
+def in_float32(trained: keras.Model) -> keras.Model:
+    """The trained weights in a float32 reader: what is saved, evaluated and served (LiteRT has
+    no kernels for the bfloat16 casts of a mixed-precision model)."""
+    model = build_line_reader(precision="float32")
+    model.set_weights(trained.get_weights())
     return model
 
 

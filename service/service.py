@@ -224,6 +224,12 @@ class Digits:
             SETTINGS.model_threads,
             [(size, *INPUT_SHAPE[:2]) for size in SETTINGS.warmup_batch_sizes],
         )
+        if self.infer.classes != CLASSES:
+            raise RuntimeError(
+                f"model {stored.tag} answers {self.infer.classes} classes, but this code reads "
+                f"{CLASSES} (the digits 0-9, not a digit, several digits); package a model trained "
+                "with the current code"
+            )
         line_reader = Path(stored.path_of(LINE_READER_FILE))
         if not line_reader.is_file():
             raise RuntimeError(
@@ -231,12 +237,6 @@ class Digits:
                 "with the current code (dvc repro)"
             )
         self.read_lines = load_model(str(line_reader), SETTINGS.model_threads, LINE_WARMUP)
-        if self.infer.classes != CLASSES:
-            raise RuntimeError(
-                f"model {stored.tag} answers {self.infer.classes} classes, but this code reads "
-                f"{CLASSES} (the digits 0-9, not a digit, several digits); package a model trained "
-                "with the current code"
-            )
         self.batcher = MicroBatcher(
             self.infer,
             max_batch=SETTINGS.max_model_batch,

@@ -173,12 +173,11 @@ def save_test_model(
             Path(ref.path_of("model.keras")), Path(ref.path_of("model.tflite")), images[:64] / 255
         )
         line_reader.save(ref.path_of("line_reader.keras"))
-        for strip in probe_strips(images[-4:] / 255):
-            export_for_serving(
-                Path(ref.path_of("line_reader.keras")),
-                Path(ref.path_of("line_reader.tflite")),
-                strip,
-            )
+        export_for_serving(
+            Path(ref.path_of("line_reader.keras")),
+            Path(ref.path_of("line_reader.tflite")),
+            probe_strips(images[-4:] / 255),
+        )
     refused = probabilities.argmax(axis=1) == NOT_A_DIGIT
     log.info(
         "saved %s (val accuracy %.4f; refuses %.2f%% of digits, %.1f%% of held-out drawings)",

@@ -876,6 +876,16 @@ def test_service_refuses_a_model_without_the_not_a_digit_class(bentoml_home, mon
         Digits.inner()
 
 
+def test_service_refuses_a_model_without_a_line_reader(bentoml_home, monkeypatch):
+    """A model packaged before /read had a line reader could not read touching digits."""
+    current = bentoml.models.get("digits-cnn:latest")
+    with bentoml.models.create(name="digits-cnn-old", metadata=current.info.metadata) as ref:
+        shutil.copyfile(current.path_of("model.tflite"), ref.path_of("model.tflite"))
+    monkeypatch.setattr(Digits.inner, "model_ref", bentoml.models.BentoModel(ref.tag))
+    with pytest.raises(RuntimeError, match="has no line reader"):
+        Digits.inner()
+
+
 def test_the_server_starts_without_tensorflow(bentoml_home):
     """TensorFlow's import alone takes seconds and hundreds of MB; the service never needs it."""
     script = (
