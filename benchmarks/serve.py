@@ -235,8 +235,10 @@ def main() -> None:
                 result = phase()
                 cpu = tree_cpu_seconds(process.pid) - cpu_before
                 results.append(dataclasses.replace(result, server_cpu_seconds=cpu))
-        joined = dataclasses.replace(sequential(touching, args.requests), route="/read touch")
-        results.append(joined)
+        cpu_before = tree_cpu_seconds(process.pid)
+        joined = sequential(touching, args.requests)
+        cpu = tree_cpu_seconds(process.pid) - cpu_before
+        results.append(dataclasses.replace(joined, route="/read touch", server_cpu_seconds=cpu))
         rss = tree_rss_mb(process.pid)
     finally:
         stop_server(process)

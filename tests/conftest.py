@@ -86,9 +86,9 @@ TEST_LINE_READER = {  # the train_lines settings of the test model's line reader
     "overlapping": [0.0, 0.2],
     "not_digit_lines": 0.3,
     "epochs": 4,
-    "batch_size": 64,
-    "learning_rate": 0.003,
-    "precision": "float32",
+    "batch_size": 32,
+    "learning_rate": 0.002,
+    "precision": "auto",
 }
 
 
