@@ -249,6 +249,7 @@ class BucketedLines:
 
 def fit_line_reader(strips: np.ndarray, targets: np.ndarray, settings: LineSettings) -> keras.Model:
     keras.utils.set_random_seed(settings.seed)
+    tf.config.experimental.enable_op_determinism()  # the same lines, the same reader, byte for byte
     model = build_line_reader(precision=resolve_precision(settings.precision))
     batches = BucketedLines(strips, targets, settings.batch_size, settings.seed)
     steps = settings.epochs * len(batches)
@@ -312,8 +313,7 @@ def main() -> None:
     seconds = time.perf_counter() - started - drawn
     summary = {"val_lines_exact": exact_share(model, val_strips, val_targets)}
     log.info("trained in %.0f s: %s", seconds, summary)
-    args.model.parent.mkdir(parents=True, exist_ok=True)
-    model.save(args.model)
+    tracking.save_keras_reproducibly(model, args.model)  # the same weights, the same bytes
     tracking.write_json(summary, args.metrics)
 
 
