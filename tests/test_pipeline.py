@@ -84,7 +84,9 @@ def test_repro_ends_with_a_champion_in_registry_and_bentoml_store(fast_project):
     assert champion.tags["gate"] == "passed"
 
     stored = bento_model(fast_project, "digits-cnn:latest")
-    assert stored["version"] == f"v{champion.version}-{champion.run_id[:8]}"
+    line_reader = file_md5(fast_project.root / "models" / "line_reader.keras")[:8]
+    assert stored["version"] == f"v{champion.version}-{champion.run_id[:8]}-{line_reader}"
+    assert stored["metadata"]["line_reader_md5"].startswith(line_reader)
     metadata = stored["metadata"]
     assert metadata["mlflow_run_id"] == champion.run_id
     assert metadata["registry_version"] == int(champion.version)
