@@ -11,8 +11,8 @@ Routes: POST /predict, POST /predict_batch, POST /read, POST /feedback (a correc
 review: feedback.py), GET /info, the page (web/) at /, and BentoML's /livez, /readyz and /metrics.
 Every refusal is JSON `{"error", "reason"}` (see errors.py and guard.py); the limits are in
 settings.py. The model is the newest `digits-cnn` in the BentoML store, run on LiteRT
-(runtime.py, no TensorFlow in the server) through a micro-batcher (batcher.py): the CNN, and
-the line reader that /read asks when digits touch. A request's walk: decode and plan
+(runtime.py, no TensorFlow in the server): the CNN through a micro-batcher (batcher.py), and
+the line reader, called directly, that /read asks when digits touch. A request's walk: decode and plan
 (images.py, the contract in pipelines/preprocessing.py and segmentation.py), one model call for
 all the plan's inputs (and, for /read of touching digits, one line reader call), the answer
 (answers.py).
@@ -354,8 +354,8 @@ class Digits:
 
     async def read_marks(self, plan: ReadingPlan) -> list[Mark]:
         """The marks of a /read plan: the CNN reads each mark whole; when some may hold
-        touching digits, the line reader reads the whole drawing (a second, unbatched call,
-        ~1 ms: on the event loop, as the loop would only wait for it)."""
+        touching digits, the line reader reads the whole drawing (a second, unbatched call on
+        the event loop: /read of a touching 2026 measured p50 14.5 ms against 9.7 ms apart)."""
         answers = await self.batcher.predict(plan.inputs)
         if not plan.needs_line(answers):
             return plan.marks(answers)
