@@ -12,10 +12,10 @@ review: feedback.py), GET /info, the page (web/) at /, and BentoML's /livez, /re
 Every refusal is JSON `{"error", "reason"}` (see errors.py and guard.py); the limits are in
 settings.py. The model is the newest `digits-cnn` in the BentoML store, run on LiteRT
 (runtime.py, no TensorFlow in the server): the CNN through a micro-batcher (batcher.py), and
-the line reader, called directly, that /read asks when digits touch. A request's walk: decode and plan
-(images.py, the contract in pipelines/preprocessing.py and segmentation.py), one model call for
-all the plan's inputs (and, for /read of touching digits, one line reader call), the answer
-(answers.py).
+the line reader, called directly, that /read asks when digits touch. A request's walk: decode
+and plan (images.py, the contract in pipelines/preprocessing.py and segmentation.py), one model
+call for all the plan's inputs (and, for /read of touching digits, one line reader call), the
+answer (answers.py).
 """
 
 from __future__ import annotations
