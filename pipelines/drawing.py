@@ -308,9 +308,10 @@ def _lay_out(
             if joins[index - 1] == "overlapping":
                 x -= max(1, round(rng.uniform(*OVERLAP) * size))
         origins.append((x, int(top)))
-        for row in np.flatnonzero(solid.any(axis=1)):
-            last = x + int(np.flatnonzero(solid[row])[-1])
-            rightmost[top + row] = max(rightmost[top + row], last)
+        inked = solid.any(axis=1)
+        last = solid.shape[1] - 1 - solid[:, ::-1].argmax(axis=1)  # per row, where ink is
+        band = rightmost[top : top + len(solid)]
+        band[inked] = np.maximum(band[inked], x + last[inked])
     left = min(x for x, _ in origins)
     return inks, [(x - left, y) for x, y in origins]
 
@@ -319,12 +320,12 @@ def _touching_x(rightmost: np.ndarray, solid: np.ndarray, top: int) -> int:
     """The x at which ink `solid` (placed with its top at row `top`) first meets the ink drawn
     so far when slid in from the right: one of its pixels then sits beside or diagonally next to
     a drawn one, and none overlaps."""
-    best = -np.inf
-    for row in np.flatnonzero(solid.any(axis=1)):
-        first = int(np.flatnonzero(solid[row])[0])
-        band = top + row
-        near = rightmost[max(band - 1, 0) : band + 2]
-        best = max(best, float(near.max()) + 1 - first)
+    inked = np.flatnonzero(solid.any(axis=1))
+    first = solid[inked].argmax(axis=1)  # per inked row, its first ink column
+    beside = np.concatenate([[-np.inf], rightmost, [-np.inf]])  # rows above and below the band
+    bands = top + inked + 1  # each inked row's place in `beside`
+    near = np.maximum(np.maximum(beside[bands - 1], beside[bands]), beside[bands + 1])
+    best = float((near + 1 - first).max()) if len(inked) else -np.inf
     if np.isinf(best):  # nothing drawn beside it (e.g. the band rows are empty): sit right after
         best = float(rightmost.max()) + 1 - int(np.flatnonzero(solid.any(axis=0))[0])
     return int(best)
@@ -352,3 +353,17 @@ def redraw_with_pens(centres: np.ndarray, widths: np.ndarray) -> np.ndarray:
         return np.empty((0, IMAGE_SIZE, IMAGE_SIZE), np.float32)
     names = [f"image {index}" for index in range(len(centres))]
     return centres_to_inputs(list(centres), widths, names).astype(np.float32) / 255.0
+
+
+def with_one_pen(glyphs: np.ndarray, width: float) -> np.ndarray:
+    """uint8 digits (n, 28, 28) redrawn along their centre lines with one round pen `width`
+    pixels of the 20-pixel box wide, as a number drawn on the pad is: the pad's brush is round
+    and even, MNIST's scanned pen strokes are not. Digits without ink to redraw stay as they
+    are."""
+    inked = (glyphs >= 128).any(axis=(1, 2))  # a centre line to redraw
+    redrawn = glyphs.copy()
+    if inked.any():
+        pens = np.full(int(inked.sum()), width)
+        drawn = redraw_with_pens(centre_lines(glyphs[inked]), pens)
+        redrawn[inked] = np.round(drawn * 255).astype(np.uint8)
+    return redrawn

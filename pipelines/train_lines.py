@@ -15,6 +15,7 @@ here (the evaluate stage measures /read on it).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import multiprocessing
 import os
@@ -31,7 +32,7 @@ from keras import layers, ops
 
 from pipelines import tracking
 from pipelines.download import load_prepared
-from pipelines.drawing import render_number
+from pipelines.drawing import render_number, with_one_pen
 from pipelines.lines import (
     BLANK,
     LINE_CLASSES,
@@ -62,6 +63,8 @@ class LineSettings:
     touching: tuple[float, float]  # each line's share of touching neighbours, drawn from this
     overlapping: tuple[float, float]  # and of overlapping ones
     not_digit_lines: float  # share of lines with one glyph that is not a digit, labelled so
+    redrawn_lines: float  # share of lines whose digits are redrawn with one round pen
+    redrawn_stroke_width: tuple[float, float]  # that pen's width, pixels of the 20-pixel box
     epochs: int
     batch_size: int
     learning_rate: float
@@ -77,6 +80,8 @@ class LineSettings:
             touching=tuple(float(v) for v in section["touching"]),
             overlapping=tuple(float(v) for v in section["overlapping"]),
             not_digit_lines=float(section["not_digit_lines"]),
+            redrawn_lines=float(section["redrawn_lines"]),
+            redrawn_stroke_width=tuple(float(v) for v in section["redrawn_stroke_width"]),
             epochs=int(section["epochs"]),
             batch_size=int(section["batch_size"]),
             learning_rate=float(section["learning_rate"]),
@@ -94,13 +99,16 @@ def draw_lines(
 ) -> tuple[np.ndarray, np.ndarray]:
     """`count` lines of digits as strips (count, LINE_HEIGHT, LINE_WIDTH) and their labels,
     (count, max_digits) with -1 after the last. With `others` (non-digit drawings, 28x28), a
-    share `not_digit_lines` of the lines has one glyph replaced by one of them (NOT_A_DIGIT)."""
+    share `not_digit_lines` of the lines has one glyph replaced by one of them (NOT_A_DIGIT).
+    A share `redrawn_lines` has its digits redrawn with one round pen (`with_one_pen`)."""
     rng = np.random.default_rng(seed)
     strips, targets = [], np.full((count, settings.max_digits), -1, np.int64)
     for index in range(count):
         length = int(rng.integers(1, settings.max_digits + 1))
         chosen = rng.integers(0, len(digits), size=length)
         glyphs, truth = digits[chosen].copy(), labels[chosen].astype(np.int64)
+        if rng.random() < settings.redrawn_lines:
+            glyphs = with_one_pen(glyphs, rng.uniform(*settings.redrawn_stroke_width))
         if others is not None and len(others) and rng.random() < settings.not_digit_lines:
             place = int(rng.integers(0, length))
             glyphs[place] = others[rng.integers(0, len(others))]
@@ -155,13 +163,22 @@ def ctc_loss(targets, probabilities):
 
 
 def texts_read(model: keras.Model, strips: np.ndarray, batch_size: int = 500) -> list[str]:
-    """What the reader reads in each strip ('?' for what is not a digit)."""
-    outputs = np.asarray(model.predict(strips[..., None], batch_size=batch_size, verbose=0))
-    line = LineInput(strips[0], 1.0, 0, strips.shape[2])  # where things are: unused here
-    return [line_text(read_line(row, line)) for row in outputs]
+    """What the reader reads in each strip ('?' for what is not a digit), each strip cut to its
+    width (`pipelines.lines.strip_widths`) as /read cuts it."""
+    widths = strip_widths(strips)
+    texts = [""] * len(strips)
+    for width in np.unique(widths):
+        members = np.flatnonzero(widths == width)
+        cut = strips[members, :, :width, None]
+        outputs = np.asarray(model.predict(cut, batch_size=batch_size, verbose=0))
+        for member, row in zip(members, outputs, strict=True):
+            line = LineInput(strips[member], 1.0, 0, int(width))  # where things are: unused
+            texts[member] = line_text(read_line(row, line))
+    return texts
 
 
 def exact_share(model: keras.Model, strips: np.ndarray, targets: np.ndarray) -> float:
+    """The share of strips read exactly: every digit, and '?' where a glyph is not a digit."""
     truths = [
         "".join("?" if d == NOT_A_DIGIT else str(d) for d in row if d >= 0) for row in targets
     ]
@@ -297,21 +314,27 @@ def main() -> None:
     strips, targets = draw_lines_in_parallel(
         data["x_train"], data["y_train"], settings.lines, settings, settings.seed, others["train"]
     )
-    val_strips, val_targets = draw_lines_in_parallel(
-        data["x_val"],
-        data["y_val"],
-        settings.validation_lines,
-        settings,
-        settings.seed + 1,
-        others["validation"],
-    )
+    validation = {  # the validation lines as MNIST's pens drew them, and with round pens
+        name: draw_lines_in_parallel(
+            data["x_val"],
+            data["y_val"],
+            settings.validation_lines,
+            dataclasses.replace(settings, redrawn_lines=share),
+            settings.seed + 1,
+            others["validation"],
+        )
+        for name, share in (("val_lines_exact", 0.0), ("val_pen_lines_exact", 1.0))
+    }
     drawn = time.perf_counter() - started
     log.info(
-        "drew %d training and %d validation lines in %.0f s", len(strips), len(val_strips), drawn
+        "drew %d training and 2 x %d validation lines in %.0f s",
+        len(strips),
+        settings.validation_lines,
+        drawn,
     )
     model = fit_line_reader(strips, targets, settings)
     seconds = time.perf_counter() - started - drawn
-    summary = {"val_lines_exact": exact_share(model, val_strips, val_targets)}
+    summary = {name: exact_share(model, *lines) for name, lines in validation.items()}
     log.info("trained in %.0f s: %s", seconds, summary)
     tracking.save_keras_reproducibly(model, args.model)  # the same weights, the same bytes
     tracking.write_json(summary, args.metrics)

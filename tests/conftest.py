@@ -85,6 +85,8 @@ TEST_LINE_READER = {  # the train_lines settings of the test model's line reader
     "touching": [0.0, 0.5],
     "overlapping": [0.0, 0.2],
     "not_digit_lines": 0.3,
+    "redrawn_lines": 0.5,
+    "redrawn_stroke_width": [1.2, 5.0],
     "epochs": 4,
     "batch_size": 32,
     "learning_rate": 0.002,

@@ -14,6 +14,7 @@ from pipelines.drawing import (
     RenderedNumber,
     render_number,
     render_on_canvas,
+    with_one_pen,
 )
 from pipelines.preprocessing import image_to_input
 from pipelines.segmentation import Box
@@ -140,3 +141,16 @@ def test_render_number_rejects_impossible_shares(test_digits):
         render_number(images[:2], labels[:2], CANVAS, 0.8, 0.4, np.random.default_rng(0))
     with pytest.raises(ValueError, match="labels"):
         render_number(images[:2], labels[:3], CANVAS, 0.3, 0.1, np.random.default_rng(0))
+
+
+def test_digits_redrawn_with_one_pen_keep_their_shape_and_take_its_width(mnist_test):
+    images, _ = mnist_test
+    thin, thick = with_one_pen(images[:3], 1.5), with_one_pen(images[:3], 4.5)
+    assert thin.shape == thick.shape == (3, 28, 28) and thin.dtype == np.uint8
+    for original, narrow, wide in zip(images[:3], thin, thick, strict=True):
+        inked = original >= 128
+        assert (wide >= 128).sum() > 1.5 * (narrow >= 128).sum()  # the pen sets the width
+        overlap = (inked & (wide >= 128)).sum() / inked.sum()
+        assert overlap > 0.6, overlap  # the same digit, where it was
+    blank = np.zeros((1, 28, 28), np.uint8)
+    assert (with_one_pen(blank, 3.0) == 0).all()  # nothing to redraw

@@ -15,6 +15,7 @@ from pipelines.evaluate import (
     classify_plans,
     confusion_matrix,
     describe_reading,
+    draw_numbers,
     drawn_not_digits_refused,
     evaluate_numbers,
     letters_refused,
@@ -348,6 +349,19 @@ def test_evaluate_numbers_reports_every_length_and_draws_examples(test_digits):
     assert all(0.0 <= value <= 1.0 for value in numbers.values())
     assert {"model", "model_length_2", "model_gap_pairs"} <= set(segmentation)
     assert grid.size == (CANVAS[0], 2 * (CANVAS[1] // 2 + 18))  # 4 examples, 2 per row
+
+
+def test_numbers_drawn_with_pens_are_the_same_numbers_in_even_strokes(test_digits):
+    images, labels = test_digits
+    settings = EvaluateSettings.from_params(SETTINGS)
+    scanned = list(draw_numbers(images, labels, 3, settings))
+    penned = list(draw_numbers(images, labels, 3, settings, pens=True))
+    assert [n.text for n in penned] == [n.text for n in scanned]
+    assert [n.joins for n in penned] == [n.joins for n in scanned]
+    assert all(
+        not np.array_equal(np.asarray(a.image), np.asarray(b.image))
+        for a, b in zip(scanned, penned, strict=True)
+    )
 
 
 def test_numbers_grid_colours_right_green_and_wrong_red(test_digits):

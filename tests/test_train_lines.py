@@ -18,6 +18,8 @@ SETTINGS = LineSettings.from_params(
         "touching": [0.0, 0.5],
         "overlapping": [0.0, 0.2],
         "not_digit_lines": 0.5,
+        "redrawn_lines": 0.5,
+        "redrawn_stroke_width": [1.2, 5.0],
         "epochs": 1,
         "batch_size": 8,
         "learning_rate": 0.002,
@@ -44,6 +46,13 @@ def test_lines_hold_one_to_max_digits_and_some_hold_a_non_digit(lines):
     assert 0.2 <= with_letter <= 0.8  # not_digit_lines is 0.5
     assert ((targets == NOT_A_DIGIT).sum(axis=1) <= 1).all()
     assert all(strip.max() > 0.5 for strip in strips)  # every line has ink
+
+
+def test_the_same_seed_draws_the_same_lines(mnist_test):
+    images, labels = mnist_test
+    first = draw_lines(images[:50], labels[:50], 6, SETTINGS, seed=4)
+    again = draw_lines(images[:50], labels[:50], 6, SETTINGS, seed=4)
+    assert np.array_equal(first[0], again[0]) and np.array_equal(first[1], again[1])
 
 
 def test_batches_hold_strips_cut_to_their_widest_and_cover_every_line_once(lines):
