@@ -4,12 +4,15 @@ Run with `python -m pipelines.train_lines`. Settings come from the `train_lines:
 params.yaml. Training lines are numbers of 1 to `max_digits` MNIST training digits drawn as the
 pad shows them (`pipelines.drawing.render_number`), their neighbours touching, overlapping or
 apart in shares drawn per number, each read as one strip (`pipelines.lines.line_input`); a share
-of them holds one training non-digit (a letter, a symbol) in place of a digit. The network
+of them holds one training non-digit (a letter, a symbol) in place of a digit, and a share has
+its digits redrawn with one round pen, as the pad's brush draws (MNIST's strokes are scanned
+pen, uneven; a reader that only saw those read the pad's own touching 2026 as 21026). The network
 (`build_line_reader`) learns with a CTC loss, which needs no position for each digit, only the
 digits in order. Batches hold strips of about one width, cut to it (`BucketedLines`): most
 numbers are short, and a short strip costs a fraction of a long one. Validation lines of
-validation digits and non-digits give the share read exactly; the test set is never touched
-here (the evaluate stage measures /read on it).
+validation digits and non-digits, drawn as MNIST has them and again with round pens, give the
+shares read exactly; the test set is never touched here (the evaluate stage measures /read
+on it).
 """
 
 from __future__ import annotations
