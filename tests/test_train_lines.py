@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import pytest
 
-from pipelines.lines import BLANK, LINE_BUCKET, LINE_CLASSES, LINE_HEIGHT, LINE_WIDTH
+from pipelines.lines import (
+    BLANK,
+    LINE_BUCKET,
+    LINE_CLASSES,
+    LINE_HEIGHT,
+    LINE_WIDTH,
+    LineInput,
+    line_text,
+    read_line,
+    strip_widths,
+)
 from pipelines.preprocessing import NOT_A_DIGIT
-from pipelines.train_lines import BucketedLines, LineSettings, ctc_loss, draw_lines
+from pipelines.train_lines import (
+    BucketedLines,
+    LineSettings,
+    build_line_reader,
+    ctc_loss,
+    draw_lines,
+    texts_read,
+)
 
 SETTINGS = LineSettings.from_params(
     {
@@ -69,6 +87,19 @@ def test_batches_hold_strips_cut_to_their_widest_and_cover_every_line_once(lines
     assert sorted(seen) == sorted(tuple(row) for row in targets)
     widths = {batches[index][0].shape[2] for index in range(len(batches))}
     assert len(widths) > 1  # short lines are read in narrow batches
+
+
+def test_validation_reads_each_strip_cut_to_its_width_as_read_does(lines):
+    strips, _ = lines
+    keras.utils.set_random_seed(0)
+    model = build_line_reader()  # untrained: what it reads differs from strip to strip
+    widths = strip_widths(strips)
+    assert len(set(widths)) > 1
+    one_by_one = []
+    for strip, width in zip(strips, widths, strict=True):
+        frames = np.asarray(model(strip[np.newaxis, :, :width, np.newaxis]))[0]
+        one_by_one.append(line_text(read_line(frames, LineInput(strip, 1.0, 0, int(width)))))
+    assert texts_read(model, strips, batch_size=7) == one_by_one
 
 
 def test_ctc_loss_is_lower_for_the_digits_the_frames_show():
