@@ -187,6 +187,16 @@ def test_a_mark_about_as_wide_as_a_digit_goes_to_the_line_reader_when_it_may_be_
     assert plan.needs_line(probabilities_for(plan.inputs, [SEVERAL_DIGITS], sure=0.999))
 
 
+def test_a_narrow_mark_read_as_several_digits_goes_to_the_line_reader():
+    pair = pad_with(*ONE, [(440, 60), (440, 230)], [(400, 140), (440, 140)])  # "11", close
+    plan = plan_reading(ink_map(pair), working_scale(pair), (840, 280))
+    (box,) = plan.boxes
+    assert box.width < 0.6 * box.height  # narrower than most single digits
+    assert plan.needs_line(probabilities_for(plan.inputs, [SEVERAL_DIGITS]))
+    assert not plan.needs_line(probabilities_for(plan.inputs, [NOT_A_DIGIT], sure=0.6))
+    assert not plan.needs_line(probabilities_for(plan.inputs, [1], sure=0.6))
+
+
 def test_predict_refuses_one_mark_of_touching_digits_as_several_digits():
     pair = pad_with(*ONE, [(520, 60), (520, 230)], [(400, 140), (520, 140)])
     plan = plan_single(ink_map(pair), working_scale(pair), (840, 280))
